@@ -1,0 +1,153 @@
+"""Model registry: the identity baseline and an FNet3D-style 3D UNet.
+
+Every model maps (B, 1, Z, Y, X) → (B, C_out, Z, Y, X) for any input size: the
+UNet pads to its divisibility with edge replication and crops back, so the
+trainer and the sliding-window predictor never need to know its internals.
+`divisibility` (z, y, x) is exposed so callers can avoid that padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vsbench.io import InputError
+
+ARCHS = ("identity", "unet3d")
+
+
+class IdentityModel(nn.Module):
+    """The baseline: the normalized input phase *is* the prediction (nothing to learn)."""
+
+    divisibility = (1, 1, 1)
+    out_channels = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm3d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet3D(nn.Module):
+    """FNet3D-style UNet (Ounkomol et al. 2018): two 3×3×3 conv+BN+ReLU per level,
+    channels doubling in the first conv of each deeper level, strided-conv
+    downsampling, transposed-conv upsampling, skip concatenation.
+
+    Downsampling is always 2× in Y and X; in Z only for the first `z_levels`
+    levels, because microscopy stacks are thin (a 2 µm-step stack may have 8–16
+    slices): `z_levels_for` picks it from the training crop so Z never falls
+    below 2 slices. Strided convs (not max-pooling) keep the CUDA backward
+    deterministic.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_channels: int = 8,
+        depth: int = 2,
+        z_levels: int | None = None,
+    ):
+        super().__init__()
+        if depth < 1 or base_channels < 1:
+            raise ValueError("UNet3D needs depth >= 1 and base_channels >= 1")
+        z_levels = depth if z_levels is None else int(z_levels)
+        if not 0 <= z_levels <= depth:
+            raise ValueError(f"z_levels must be in [0, depth={depth}], got {z_levels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.depth, self.z_levels = depth, z_levels
+        self.divisibility = (2**z_levels, 2**depth, 2**depth)
+        chans = [base_channels * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        c_prev = in_channels
+        for level in range(depth):
+            self.encoders.append(_double_conv(c_prev, chans[level]))
+            k = (2 if level < z_levels else 1, 2, 2)
+            self.downs.append(
+                nn.Sequential(
+                    nn.Conv3d(chans[level], chans[level], k, stride=k, bias=False),
+                    nn.BatchNorm3d(chans[level]),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            self.ups.append(
+                nn.Sequential(
+                    nn.ConvTranspose3d(chans[level + 1], chans[level], k, stride=k, bias=False),
+                    nn.BatchNorm3d(chans[level]),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            self.decoders.append(_double_conv(2 * chans[level], chans[level]))
+            c_prev = chans[level]
+        self.bottleneck = _double_conv(chans[depth - 1], chans[depth])
+        self.head = nn.Conv3d(chans[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-3:]
+        pad = [(-s) % d for s, d in zip(size, self.divisibility, strict=True)]
+        if any(pad):
+            x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")
+        skips = []
+        for enc, down in zip(self.encoders, self.downs, strict=True):
+            x = enc(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottleneck(x)
+        for level in reversed(range(self.depth)):
+            x = self.ups[level](x)
+            x = self.decoders[level](torch.cat([skips[level], x], dim=1))
+        x = self.head(x)
+        return x[..., : size[0], : size[1], : size[2]]
+
+
+def z_levels_for(crop_z: int, depth: int, min_z: int = 2) -> int:
+    """How many levels may halve Z so the coarsest level keeps >= `min_z` slices."""
+    levels = 0
+    while levels < depth and crop_z // 2 ** (levels + 1) >= min_z:
+        levels += 1
+    return levels
+
+
+def model_config(settings: Mapping) -> dict:
+    """Constructor arguments of the model described by train settings (stored in checkpoints)."""
+    arch = settings["arch"]
+    if arch == "identity":
+        return {}
+    if arch == "unet3d":
+        depth = int(settings["depth"])
+        return {
+            "in_channels": 1,
+            "out_channels": 1,
+            "base_channels": int(settings["base_channels"]),
+            "depth": depth,
+            "z_levels": z_levels_for(int(settings["crop"][0]), depth),
+        }
+    raise InputError(f"unknown model arch {arch!r} (expected one of {list(ARCHS)})")
+
+
+def build_model(arch: str, config: Mapping) -> nn.Module:
+    if arch == "identity":
+        if config:
+            raise InputError(f"identity model takes no configuration, got {dict(config)}")
+        return IdentityModel()
+    if arch == "unet3d":
+        try:
+            return UNet3D(**config)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"bad unet3d model_config {dict(config)}: {exc}") from exc
+    raise InputError(f"unknown model arch {arch!r} (expected one of {list(ARCHS)})")

@@ -1,0 +1,1 @@
+raise NotImplementedError("step not written yet")

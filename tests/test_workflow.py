@@ -1,0 +1,242 @@
+"""Workflow tests: the real Snakefile on a tiny campaign in a temporary directory.
+
+One module-scoped full run feeds the checks that need outputs (report, rerun
+plans); plan-only checks use dry runs, asserted from Snakemake's own job table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow
+
+OPTICS = {
+    "wavelength_um": 0.45,
+    "na_detection": 0.55,
+    "na_illumination": 0.4,
+    "index_media": 1.0,
+    "pixel_size_um": {"z": 2.0, "y": 0.325, "x": 0.325},
+}
+CHANNELS = {"Nucleus": "nucleus", "ER": "er", "Mito": "mito", "Membrane": "membrane"}
+
+
+def tiny_config() -> dict:
+    def dataset(cell_type, seed, wells, n):
+        return {
+            "simulate": {
+                "cell_type": cell_type,
+                "seed": seed,
+                "shape": [8, 64, 64],
+                "timepoints": 1,
+                "wells": wells,
+                "fovs_per_well": n,
+                "well_radius_um": 60.0,
+                "max_zenith": 0.25,
+            },
+            "optics": OPTICS,
+            "brightfield": "BF",
+            "channels": CHANNELS,
+            "splits": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0},
+        }
+
+    return {
+        "seed": 0,
+        "datasets": {
+            "ipsc": dataset("ipsc", 1, {"A/1": "mock"}, 4),
+            "a549": dataset("a549", 2, {"A/1": "mock", "A/2": "zikv"}, 1),
+        },
+        "targets": {
+            "nucleus": {"segmentation": {"method": "instance", "min_size": 10}},
+            "er": {"segmentation": {"method": "ridge", "min_size": 5}},
+        },
+        "models": {
+            "identity": {"arch": "identity"},
+            "unet": {
+                "arch": "unet3d",
+                "base_channels": 4,
+                "depth": 1,
+                "epochs": 1,
+                "steps_per_epoch": 2,
+                "val_steps": 1,
+                "batch_size": 2,
+                "crop": [8, 32, 32],
+            },
+        },
+        "train_sets": {"ipsc": {"datasets": ["ipsc"]}},
+        "predict_sets": {
+            "ipsc_test": {"dataset": "ipsc", "split": "test"},
+            "a549_all": {"dataset": "a549", "split": "all"},
+        },
+        "campaign": {
+            "targets": ["nucleus", "er"],
+            "models": ["identity", "unet"],
+            "train_sets": ["ipsc"],
+            "predict_sets": ["ipsc_test", "a549_all"],
+        },
+        "reconstruct": {"n_zenith": 3, "n_azimuth": 4},
+        "predict": {"tile_yx": 32},
+    }
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
+    """Job counts per rule from a dry run's 'Job stats' table."""
+    out = snakemake(workdir, "-n", *targets).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    jobs.pop("total", None)
+    return jobs
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    """The tiny campaign, run to completion once for this module."""
+    workdir = tmp_path_factory.mktemp("campaign")
+    write_config(workdir, tiny_config())
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_dry_run_plans_the_whole_campaign_without_importing_torch(tmp_path):
+    write_config(tmp_path, tiny_config())
+    cmd = [sys.executable, "-X", "importtime", "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+           "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "snakemake" in imported
+    for heavy in ("torch", "lightning", "waveorder", "iohub"):
+        assert heavy not in imported, f"a dry run imported {heavy}"
+    jobs = planned_jobs(tmp_path)
+    cells = 2 * 2 * 1 * 2  # targets x models x train sets x predict sets
+    assert jobs == {
+        "simulate": 2, "preprocess": 2, "reconstruct": 2, "segment_cells": 2,
+        "segment_gt": 4, "features_gt": 4, "train": 4, "predict": cells, "segment": cells,
+        "features": cells, "metrics": cells, "aggregate": 2, "report": 1, "all": 1,
+    }
+
+
+def test_one_target_builds_only_what_it_needs(tmp_path):
+    write_config(tmp_path, tiny_config())
+    jobs = planned_jobs(tmp_path, "target/er/metrics.csv")
+    assert jobs["aggregate"] == 1 and jobs["train"] == 2 and jobs["predict"] == 4
+    assert "report" not in jobs and "all" not in jobs
+    assert jobs["segment_gt"] == 2  # er only, one per predict set
+
+
+def test_rulegraph_and_dag_render(tmp_path):
+    write_config(tmp_path, tiny_config())
+    for flag in ("--rulegraph", "--dag"):
+        out = snakemake(tmp_path, flag).stdout
+        assert out.lstrip().startswith("digraph") and "reconstruct" in out
+
+
+def test_config_key_typo_fails_before_any_job_naming_the_key(tmp_path):
+    cfg = tiny_config()
+    cfg["models"]["unet"]["epochz"] = 3
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "epochz" in proc.stdout + proc.stderr
+    cfg = tiny_config()
+    cfg["campaign"]["models"].append("transformer")
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "campaign.models: unknown name 'transformer'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr or "lints" not in proc.stdout
+
+
+def test_snakefmt_is_clean():
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_campaign_outputs(campaign):
+    for target in ("nucleus", "er"):
+        table = pd.read_csv(campaign / f"target/{target}/metrics.csv")
+        assert len(table) == 4
+        assert set(table["model"]) == {"identity", "unet"}
+        assert set(table["predict_set"]) == {"ipsc_test", "a549_all"}
+        for col in ("PCC_mean", "SSIM_mean", "NRMSE_mean", "PSNR_mean", "Dice_mean", "IoU_mean"):
+            assert col in table.columns
+            assert table[col].notna().all(), col
+        assert table["PCC_mean"].between(-1, 1).all()
+    assert (campaign / "report/index.html").stat().st_size > 0
+    assert (campaign / "target/er/ipsc/unet/model.ckpt").exists()
+    assert (campaign / "target/er/ipsc/unet/last.ckpt").exists()
+    assert planned_jobs(campaign) == {}
+
+
+def test_param_change_reruns_only_that_model(campaign):
+    cfg = tiny_config()
+    changed = copy.deepcopy(cfg)
+    changed["models"]["unet"]["lr"] = 0.005
+    write_config(campaign, changed)
+    try:
+        jobs = planned_jobs(campaign)
+        cells = 2 * 1 * 2  # targets x (the changed model) x predict sets
+        assert jobs == {
+            "train": 2, "predict": cells, "segment": cells, "features": cells,
+            "metrics": cells, "aggregate": 2, "report": 1, "all": 1,
+        }
+        snakemake(campaign, "--cores", "2")
+        assert planned_jobs(campaign) == {}
+    finally:
+        write_config(campaign, cfg)
+
+
+def test_snakemake_report(campaign):
+    snakemake(campaign, "--report", "report.html")
+    html = (campaign / "report.html").read_text(errors="ignore")
+    assert "metrics" in html.lower()

@@ -1,0 +1,156 @@
+# Configuration: schema validation, manifests, cross-reference checks, and the
+# small lookups every rule uses. Nothing here imports torch, iohub or waveorder.
+
+import os
+
+from snakemake.utils import validate
+
+from vsbench import config as vconfig
+from vsbench.io import list_plate_fovs
+
+validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+MANIFESTS = {}
+for _name, _spec in config["datasets"].items():
+    _base = (
+        "." if isinstance(_spec, dict) or os.path.exists(_spec) else workflow.basedir
+    )
+    MANIFESTS[_name] = vconfig.load_manifest(_spec, _base)
+    validate(MANIFESTS[_name], workflow.source_path("../schemas/dataset.schema.yaml"))
+vconfig.check_campaign(config, MANIFESTS)
+
+CAMPAIGN = config["campaign"]
+SIMULATED = sorted(d for d, m in MANIFESTS.items() if "simulate" in m)
+STEPS = "../../src/vsbench/steps"
+# `--sdm conda` builds this environment per rule; without it, the current one is used.
+CONDA_ENV = "../../environment.yml"
+# Step scripts import the library from this checkout, in any environment (conda, cluster
+# job), so the workflow and the library it runs are always the same version.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p
+        for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH"))
+        if p
+    )
+)
+NAME = "[A-Za-z0-9_-]+"
+# one benchmark cell's directory
+CELL = "target/{target}/{train_set}/{model}/{predict_set}"
+
+
+wildcard_constraints:
+    dataset=NAME,
+    target=NAME,
+    model=NAME,
+    train_set=NAME,
+    predict_set=NAME,
+
+
+def dataset_fovs(dataset):
+    """FOV names, known at DAG time: from the simulate block, or the plate's metadata."""
+    m = MANIFESTS[dataset]
+    if "simulate" in m:
+        return vconfig.simulated_fov_names(m["simulate"])
+    return list_plate_fovs(m["path"])
+
+
+def split_of(dataset, split):
+    m = MANIFESTS[dataset]
+    return vconfig.split_fovs(dataset_fovs(dataset), m["splits"], split, dataset)
+
+
+def raw_store(wildcards):
+    m = MANIFESTS[wildcards.dataset]
+    return m["path"] if "path" in m else f"datasets/{wildcards.dataset}/raw.zarr"
+
+
+def predict_dataset(predict_set):
+    return config["predict_sets"][predict_set]["dataset"]
+
+
+def predict_fovs(predict_set):
+    spec = config["predict_sets"][predict_set]
+    return split_of(spec["dataset"], spec.get("split", "test"))
+
+
+def target_channel(dataset, target):
+    return vconfig.target_channel(MANIFESTS[dataset], target, dataset)
+
+
+def train_datasets(train_set):
+    return config["train_sets"][train_set]["datasets"]
+
+
+def cells_for(target):
+    return [c for c in vconfig.benchmark_cells(config) if c["target"] == target]
+
+
+def cell_files(target, name):
+    return [os.path.join(CELL.format(**c), name) for c in cells_for(target)]
+
+
+def train_inputs(wildcards):
+    ds = train_datasets(wildcards.train_set)
+    return {
+        "phase": [f"datasets/{d}/phase.zarr" for d in ds],
+        "fluorescence": [f"datasets/{d}/preprocessed.zarr" for d in ds],
+    }
+
+
+def train_data(wildcards):
+    """Per dataset: stores, target channel and the train/val FOVs (params trigger on splits)."""
+    return [
+        {
+            "dataset": d,
+            "phase": f"datasets/{d}/phase.zarr",
+            "fluorescence": f"datasets/{d}/preprocessed.zarr",
+            "channel": target_channel(d, wildcards.target),
+            "train": split_of(d, "train"),
+            "val": split_of(d, "val"),
+        }
+        for d in train_datasets(wildcards.train_set)
+    ]
+
+
+def cell_channels(dataset):
+    """Nucleus channel (required) and membrane channel (optional) of a dataset."""
+    targets = {t: c for c, t in MANIFESTS[dataset]["channels"].items()}
+    if "nucleus" not in targets:
+        raise ValueError(
+            f"dataset {dataset!r}: cell labels need a channel mapped to target 'nucleus'"
+        )
+    return {"nucleus": targets["nucleus"], "membrane": targets.get("membrane")}
+
+
+def report_inputs(wildcards):
+    cells = vconfig.benchmark_cells(config)
+    return {
+        "metrics": [f"target/{t}/metrics.csv" for t in CAMPAIGN["targets"]],
+        "curves": sorted(
+            {
+                "target/{target}/{train_set}/{model}/train_log.csv".format(**c)
+                for c in cells
+            }
+        ),
+        "predictions": [
+            os.path.join(CELL.format(**c), "prediction.zarr") for c in cells
+        ],
+        "phase": sorted(
+            {
+                f"datasets/{predict_dataset(ps)}/phase.zarr"
+                for ps in CAMPAIGN["predict_sets"]
+            }
+        ),
+        "fluorescence": sorted(
+            {
+                f"datasets/{predict_dataset(ps)}/preprocessed.zarr"
+                for ps in CAMPAIGN["predict_sets"]
+            }
+        ),
+        "tilt": sorted(
+            {
+                f"datasets/{predict_dataset(ps)}/tilt.csv"
+                for ps in CAMPAIGN["predict_sets"]
+            }
+        ),
+    }
