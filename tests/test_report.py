@@ -298,7 +298,9 @@ def test_step_report_end_to_end(tmp_path):
     predictions, curves, metrics = [], [], []
     for c in cells:
         d = tmp_path / "target" / c["target"] / c["train_set"] / c["model"] / c["predict_set"]
-        _plate(d / "prediction.zarr", [f"{c['target']}_prediction"], PREDICT[c["predict_set"]][1], rng)
+        _plate(
+            d / "prediction.zarr", [f"{c['target']}_prediction"], PREDICT[c["predict_set"]][1], rng
+        )
         predictions.append(str(d / "prediction.zarr"))
     for t in TARGETS:
         for m in MODELS:
@@ -319,7 +321,10 @@ def test_step_report_end_to_end(tmp_path):
         df.to_csv(path, index=False)
         metrics.append(str(path))
     bench = tmp_path / "benchmarks"
-    for rule, names in {"train": ["er/ipsc/unet_small", "nucleus/ipsc/unet_small"], "reconstruct": ["ipsc"]}.items():
+    for rule, names in {
+        "train": ["er/ipsc/unet_small", "nucleus/ipsc/unet_small"],
+        "reconstruct": ["ipsc"],
+    }.items():
         for i, name in enumerate(names):
             p = bench / rule / f"{name}.tsv"
             p.parent.mkdir(parents=True, exist_ok=True)

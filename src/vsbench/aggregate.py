@@ -66,11 +66,11 @@ def aggregate_cell(
             seen.add(name)
             values = pd.to_numeric(df[col], errors="coerce").astype(float)
             values = values.replace([np.inf, -np.inf], np.nan)
-            out[f"{name}_mean"] = float(values.mean(skipna=True)) if values.notna().any() else np.nan
+            out[f"{name}_mean"] = (
+                float(values.mean(skipna=True)) if values.notna().any() else np.nan
+            )
             out[f"{name}_std"] = (
-                float(values.std(skipna=True, ddof=ddof))
-                if values.notna().sum() > ddof
-                else np.nan
+                float(values.std(skipna=True, ddof=ddof)) if values.notna().sum() > ddof else np.nan
             )
     return {"n_fov": len(fovs), "n_timepoints": len(timepoints), **out}
 

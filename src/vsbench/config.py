@@ -80,7 +80,9 @@ def resolve_splits(fovs: Sequence[str], spec: Mapping, dataset: str) -> dict[str
         raise InputError(f"dataset {dataset!r}: splits must be all fractions or all FOV lists")
     fractions = np.array([float(spec[s]) for s in SPLITS])
     if fractions.sum() <= 0 or fractions.sum() > 1.0 + 1e-6:
-        raise InputError(f"dataset {dataset!r}: split fractions must sum to (0, 1], got {fractions.sum():.3f}")
+        raise InputError(
+            f"dataset {dataset!r}: split fractions must sum to (0, 1], got {fractions.sum():.3f}"
+        )
     order = np.random.default_rng(int(spec.get("seed", 0))).permutation(len(fovs))
     counts = np.floor(fractions * len(fovs) + 0.5).astype(int)
     # every split asked for gets at least one FOV when there are enough of them

@@ -179,7 +179,9 @@ def create_fov(
     if chunks is None:
         chunks = (1, 1, *shape[2:])
     transform = [TransformationMeta(type="scale", scale=[1.0, 1.0, *map(float, scale_um)])]
-    pos.create_zeros("0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), transform=transform)
+    pos.create_zeros(
+        "0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), transform=transform
+    )
     return pos
 
 
@@ -203,7 +205,9 @@ def channel_statistics(plate_or_pos, channel: str) -> dict:
     """Normalization statistics written by preprocess, read back from .zattrs."""
     norm = dict(plate_or_pos.zattrs).get("normalization", {})
     if channel not in norm:
-        raise InputError(f"no normalization statistics for channel {channel!r}; run preprocess first")
+        raise InputError(
+            f"no normalization statistics for channel {channel!r}; run preprocess first"
+        )
     return norm[channel]
 
 

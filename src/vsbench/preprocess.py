@@ -88,7 +88,9 @@ def validate_fov(
     if missing:
         raise InputError(f"{where}: missing channel(s) {missing} (channels: {list(channel_names)})")
     if any((not np.isfinite(s)) or s <= 0 for s in scale_zyx):
-        raise InputError(f"{where}: pixel size must be positive, got (z, y, x) = {tuple(scale_zyx)}")
+        raise InputError(
+            f"{where}: pixel size must be positive, got (z, y, x) = {tuple(scale_zyx)}"
+        )
 
 
 def check_values(volume: np.ndarray, where: str) -> None:

@@ -162,7 +162,9 @@ def comparison_table(df: pd.DataFrame, group_by: str | None = "predict_set") -> 
     counts = [c for c in COUNT_COLUMNS if c in df.columns]
     means = mean_columns(df)
     bold = best_mask(df, means, group_by)
-    header = [c.replace("_", " ") for c in ids + counts] + [direction_label(c) for c in means]
+    names = {"n_fov": "FOVs", "n_timepoints": "timepoints"}
+    header = [names.get(c, c.replace("_", " ")) for c in ids + counts]
+    header += [direction_label(c) for c in means]
     rows, flags = [], []
     for i in df.index:
         row = [str(df.at[i, c]) for c in ids] + [format_number(df.at[i, c]) for c in counts]
@@ -405,14 +407,16 @@ def bar_figure(df: pd.DataFrame, metrics: Sequence[str] = BAR_METRICS, title: st
     for ax, metric in zip(axes[0], present, strict=False):
         mean = pd.to_numeric(df[f"{metric}_mean"], errors="coerce")
         std_col = f"{metric}_std"
-        std = pd.to_numeric(df[std_col], errors="coerce") if std_col in df.columns else mean * np.nan
+        std = (
+            pd.to_numeric(df[std_col], errors="coerce") if std_col in df.columns else mean * np.nan
+        )
         for k, label in enumerate(labels):
             means, stds = [], []
             for g in groups:
                 sel = (df["predict_set"].astype(str) == g) & (cell_labels == label)
                 m = mean[sel].dropna()
                 s = std[sel].dropna()
-                means.append(float(m.iloc[0]) if len(m) else 0.0)
+                means.append(float(m.iloc[0]) if len(m) else np.nan)  # NaN: no bar
                 stds.append(float(s.iloc[0]) if len(s) else 0.0)
             offset = (k - (len(labels) - 1) / 2) * width
             ax.bar(x + offset, means, width, yerr=stds, capsize=3, label=label, color=f"C{k % 10}")
@@ -421,7 +425,12 @@ def bar_figure(df: pd.DataFrame, metrics: Sequence[str] = BAR_METRICS, title: st
         ax.set_xlabel("predict set")
         ax.axhline(0, color="0.3", lw=0.6)
     axes[0, 0].set_ylabel("mean ± std over (FOV, t)")
-    axes[0, -1].legend(fontsize="small", loc="best")
+    fig.legend(
+        *axes[0, 0].get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=min(len(labels), 6),
+        fontsize="small",
+    )
     fig.suptitle(title)
     return fig
 
@@ -470,13 +479,16 @@ def curves_figure(curves: Mapping[str, pd.DataFrame], title: str = ""):
     """Train (solid) and validation (dashed) loss per epoch, one colour per model."""
     fig, axes = _figure(1, 1, (6.4, 4.0))
     ax = axes[0, 0]
+    from matplotlib.ticker import MaxNLocator
+
     drawn = 0
     positive = True
-    for k, (label, df) in enumerate(curves.items()):
+    for label, df in curves.items():
         if df is None or df.empty or "epoch" not in df.columns:
             continue
-        color = f"C{k % 10}"
+        color = f"C{drawn % 10}"
         epoch = pd.to_numeric(df["epoch"], errors="coerce")
+        plotted = False
         for col, style in (("train_loss", "-"), ("val_loss", "--")):
             if col not in df.columns:
                 continue
@@ -487,8 +499,10 @@ def curves_figure(curves: Mapping[str, pd.DataFrame], title: str = ""):
             positive &= bool((y[ok] > 0).all())
             name = f"{label} ({'train' if col == 'train_loss' else 'val'})"
             ax.plot(epoch[ok], y[ok], style, color=color, marker="o", ms=3, label=name)
-            drawn += 1
+            plotted = True
+        drawn += int(plotted)
     if drawn:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if positive:
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
@@ -588,8 +602,10 @@ def html_paragraph(text: str, cls: str = "") -> str:
 
 def html_section(title: str, body: Sequence[str], level: int = 2, anchor: str = "") -> str:
     ident = f' id="{html.escape(anchor, quote=True)}"' if anchor else ""
-    return f"<section{ident}><h{level}>{html.escape(title)}</h{level}>\n" + "\n".join(body) + (
-        "\n</section>"
+    return (
+        f"<section{ident}><h{level}>{html.escape(title)}</h{level}>\n"
+        + "\n".join(body)
+        + "\n</section>"
     )
 
 

@@ -11,9 +11,16 @@ Conventions:
   along Z it is scaled by the pixel-size ratio so the smoothing is isotropic
   in physical space.
 - thresholds: "otsu" (on the smoothed, scaled volume) or a number in [0, 1]
-  on that same scale; for the ridge method the number applies to the Sato
-  response of the [0, 1] image (a bright line of contrast c on a dark
-  background answers about 0.4·c at its own scale, see `ridge_response`).
+  on that same scale; for nuclei/instances and membranes each z slice's p10
+  is subtracted first (`subtract_background`); for the ridge method the
+  number applies to the Sato response of the [0, 1] image (a 1–2 px bright
+  line of contrast c on a dark background answers roughly 0.3·c at scale 1,
+  see `ridge_response`). Otsu suits blob-like targets; for sparse filaments
+  (ER, mitochondria) the ridge response has no second mode and Otsu cuts
+  into the noise, so use a number there (0.1 on the demo data).
+- cell labels are built for monolayers imaged with coarse Z: instances are
+  separated in-plane and extended axially (see `segment_nuclei`,
+  `segment_cells`).
 - labels are int32, 0 = background; binary masks are int32 0/1.
 """
 
@@ -98,7 +105,7 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
-    """Consecutive ids 1..n in order of first appearance of each sorted old id."""
+    """Consecutive ids 1..n, keeping the order of the old ids."""
     ids = np.unique(labels)
     ids = ids[ids > 0]
     lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
@@ -124,7 +131,7 @@ def split_instances(foreground: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0), 
         return np.zeros(fg.shape, dtype=np.int32)
     components, n = ndi.label(fg)
     dist = ndi.distance_transform_edt(fg, sampling=tuple(float(s) for s in spacing))
-    seeds, _ = ndi.label(h_maxima(dist, h_um).astype(bool), structure=np.ones((3, 3, 3)))
+    seeds, _ = ndi.label(h_maxima(dist, h_um).astype(bool), structure=np.ones((3,) * fg.ndim))
     seeded = np.zeros(n + 1, dtype=bool)
     seeded[np.unique(components[seeds > 0])] = True
     missing = np.flatnonzero(~seeded[1:]) + 1
@@ -137,6 +144,16 @@ def split_instances(foreground: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0), 
     return relabel(labels)
 
 
+def subtract_background(image: np.ndarray, percentile: float = 10.0) -> np.ndarray:
+    """Subtract each z slice's low percentile: widefield out-of-focus haze is a per-slice offset.
+
+    Without this, defocused planes (brighter haze, lower contrast) pass a
+    global threshold and blurred neighbours merge through them.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    return image - np.percentile(image, percentile, axis=(-2, -1), keepdims=True)
+
+
 def segment_nuclei(
     nucleus: np.ndarray,
     spacing: Spacing = (1.0, 1.0, 1.0),
@@ -145,26 +162,46 @@ def segment_nuclei(
     min_size: int = 30,
     h_um: float = 1.0,
     limits: tuple[float, float] | None = None,
+    split: str = "projection",
 ) -> np.ndarray:
-    """Nucleus instances: scale, smooth, threshold, fill, size filter, distance watershed."""
+    """Nucleus instances: scale, per-slice background, smooth, threshold, distance watershed.
+
+    The 3D foreground is the smoothed volume above the threshold (holes
+    filled). split="projection" (default, for monolayers imaged with coarse Z)
+    separates touching nuclei in 2D: threshold + distance watershed on the
+    maximum-intensity projection, each 2D label then claiming its column of
+    the 3D foreground. Axial blur (widefield has no optical sectioning)
+    connects neighbours through defocused planes, which defeats a 3D split;
+    the projection keeps the in-focus footprints apart. split="3d" runs the
+    distance watershed in 3D (µm-scaled), for well-sectioned thick samples.
+    """
     from scipy import ndimage as ndi
 
-    img = smooth(scale_unit(nucleus, limits), sigma, spacing)
-    fg = img > threshold_value(img, threshold)
-    fg = ndi.binary_fill_holes(fg)
+    if split not in ("projection", "3d"):
+        raise ValueError(f"split must be 'projection' or '3d', got {split!r}")
+    img = smooth(subtract_background(scale_unit(nucleus, limits)), sigma, spacing)
+    fg = ndi.binary_fill_holes(img > threshold_value(img, threshold))
     fg = remove_small(fg, min_size) > 0
-    labels = split_instances(fg, spacing, h_um)
+    if split == "3d":
+        labels = split_instances(fg, spacing, h_um)
+    else:
+        proj = img.max(axis=0)
+        fg2 = ndi.binary_fill_holes(proj > threshold_value(proj, threshold))
+        labels = split_instances(fg2, spacing[1:], h_um)[None] * fg
     return relabel(remove_small(labels, min_size))
 
 
-def fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
-    """3D hole filling plus 2D filling per z slice (a cell shell is rarely closed in 3D)."""
-    from scipy import ndimage as ndi
-
-    out = ndi.binary_fill_holes(mask)
-    for z in range(out.shape[0]):
-        out[z] = ndi.binary_fill_holes(out[z])
-    return out
+def z_ranges(labels: np.ndarray) -> np.ndarray:
+    """(n + 1, 2) first and last z slice of each label (row 0 and absent labels: empty range)."""
+    n = int(labels.max())
+    lo = np.full(n + 1, labels.shape[0], dtype=np.int64)
+    hi = np.full(n + 1, -1, dtype=np.int64)
+    for z in range(labels.shape[0]):
+        ids = np.unique(labels[z])
+        lo[ids] = np.minimum(lo[ids], z)
+        hi[ids] = np.maximum(hi[ids], z)
+    lo[0], hi[0] = labels.shape[0], -1
+    return np.stack([lo, hi], axis=1)
 
 
 def segment_cells(
@@ -174,27 +211,58 @@ def segment_cells(
     sigma: float = 1.0,
     threshold: str | float = "otsu",
     expand_um: float = 3.0,
+    background_um: float | None = None,
     limits: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Whole-cell instances that keep their nucleus's id.
 
-    With a membrane channel: the foreground is the thresholded membrane signal
-    with its enclosed interiors filled (plus the nuclei), and a watershed on
-    the membrane intensity, seeded by the nuclei, puts the boundary between
-    neighbours on the membrane ridge. Foreground not connected to a nucleus
-    stays background. Without one: each nucleus grows by `expand_um` (µm),
-    never into a neighbour (skimage.segmentation.expand_labels).
+    In-plane footprint, with a membrane channel: a seeded watershed on the
+    maximum over z of the slice-wise ridge response (`ridge_response`) of the
+    smoothed, background-subtracted membrane. Each slice shows a membrane as
+    a line where it crosses the slice, while flat apical/basal sheets project
+    as filled discs in an intensity projection; the ridge projection keeps
+    only the outlines, so boundaries fall on the membrane. Seeds are the
+    nucleus footprints and one background seed: pixels with a weak ridge
+    response farther than `background_um` from every nucleus (default 3x the
+    median nucleus equivalent-circle radius, i.e. beyond any plausible
+    cell). Flooding gives every region reachable without crossing a membrane
+    to the background and each enclosed interior to its nucleus, also for
+    cells cut by the FOV border. With no background seed (a confluent field)
+    every pixel goes to some cell. Without a membrane channel: each nucleus
+    footprint grows by `expand_um`, never into a neighbour
+    (skimage.segmentation.expand_labels).
+    Axially a cell spans the z slices its nucleus spans: in widefield data a
+    membrane's axial profile is dominated by out-of-focus haze, while the
+    nucleus is the best-localised structure of a monolayer cell. (Nuclei
+    stacked in one column share a footprint; the higher id wins.)
     """
+    from scipy import ndimage as ndi
     from skimage.segmentation import expand_labels, watershed
 
     nuclei = np.asarray(nuclei, dtype=np.int32)
+    yx = tuple(float(s) for s in spacing[1:])
+    footprint = nuclei.max(axis=0)
+    if footprint.max() == 0:
+        return np.zeros(nuclei.shape, dtype=np.int32)
     if membrane is None:
-        grown = expand_labels(nuclei, distance=expand_um, spacing=tuple(spacing))
-        return grown.astype(np.int32)
-    img = smooth(scale_unit(membrane, limits), sigma, spacing)
-    fg = fill_holes_slicewise(img > threshold_value(img, threshold)) | (nuclei > 0)
-    cells = watershed(img, markers=nuclei, mask=fg)
-    return cells.astype(np.int32)
+        cells2d = expand_labels(footprint, distance=expand_um, spacing=yx)
+    else:
+        img = smooth(subtract_background(scale_unit(membrane, limits)), sigma, spacing)
+        proj = ridge_response(img, sigma).max(axis=0)
+        if background_um is None:
+            sizes = np.bincount(footprint.ravel())[1:]
+            area = float(np.median(sizes[sizes > 0])) * yx[0] * yx[1]
+            background_um = 3.0 * np.sqrt(area / np.pi)
+        far = ndi.distance_transform_edt(footprint == 0, sampling=yx) > background_um
+        markers = footprint.copy()
+        bg_id = int(footprint.max()) + 1
+        markers[far & (proj < threshold_value(proj, threshold))] = bg_id
+        cells2d = watershed(proj, markers=markers)
+        cells2d[cells2d == bg_id] = 0
+    ranges = z_ranges(nuclei)
+    z = np.arange(nuclei.shape[0])[:, None, None]
+    inside = (z >= ranges[cells2d, 0][None]) & (z <= ranges[cells2d, 1][None])
+    return np.where(inside, cells2d[None], 0).astype(np.int32)
 
 
 def ridge_response(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:

@@ -73,15 +73,20 @@ GOLDEN_ANGLE = float(np.pi * (3.0 - np.sqrt(5.0)))
 
 # Refractive-index contrast to the medium. Nucleus and membrane differ clearly
 # from the cytoplasm (learnable from phase); ER and mito are thin, so weaker.
-DELTA_N = {"cytoplasm": 0.018, "nucleus": 0.028, "membrane": 0.032, "mito": 0.030, "er": 0.023}
+DELTA_N = {"cytoplasm": 0.018, "nucleus": 0.028, "membrane": 0.032, "mito": 0.026, "er": 0.023}
 # Typical emission peaks of the usual labels (Hoechst, GFP, mScarlet, far-red membrane dye).
 EMISSION_UM = {"nucleus": 0.46, "er": 0.51, "mito": 0.59, "membrane": 0.67}
 # Expected photons at unit density (after the OTF), camera background and read noise.
-PHOTONS = {"nucleus": 250.0, "er": 400.0, "mito": 400.0, "membrane": 300.0}
+PHOTONS = {"nucleus": 600.0, "er": 1000.0, "mito": 1000.0, "membrane": 800.0}
 FLUOR_BACKGROUND = 20.0
 READ_NOISE = 2.0
-BF_BRIGHTNESS = 2000.0
-BF_READ_NOISE = 5.0
+# Brightfield: mean level in ADU, photons per ADU and read noise in ADU. waveorder's
+# weak-object model gives ~1e-3 relative contrast for cells at this sampling, so the
+# gain makes the *effective* photon count (1e8 per voxel, as if many frames were
+# summed) set a typical measured SNR: contrast std / noise std ≈ 4 on the demo.
+BF_BRIGHTNESS = 1000.0
+BF_GAIN = 1.0e5
+BF_READ_NOISE = 0.02
 
 # Cell-type morphology in µm. iPSC: small, round, tall, large nucleus, dense
 # colonies. A549: large, elongated, flat, sparse.
@@ -125,7 +130,7 @@ PHENOTYPES = {
 def resolve_manifest(manifest: Mapping, dataset: str = "dataset") -> dict:
     """The simulate block with defaults filled in, plus optics/channels, checked.
 
-    Returns dict(simulate, optics, brightfield, channels, targets, raw_channels, fovs).
+    Returns dict(simulate, optics, brightfield, channels, raw_channels, fovs).
     """
     from vsbench.config import simulated_fov_names
 
@@ -237,7 +242,9 @@ def _place_cells(rng, extent_um, params) -> np.ndarray:
     """Cell centres (y, x) in µm: colonies (ipsc) or scattered (a549), with a minimum spacing."""
     ey, ex = extent_um
     area = ey * ex
-    n_cells = max(1, int(round(params["cells_per_1000um2"] * area / 1000.0)))
+    n_cells = max(
+        1, int(round(params["cells_per_1000um2"] * area / 1000.0 * rng.uniform(0.8, 1.2)))
+    )
     r_mean = float(np.mean(params["radius_um"]))
     min_dist = params["min_separation"] * r_mean
     if params["colonies"] is not None:
@@ -356,14 +363,18 @@ def _render_cells(cells, t, shape, pixel_size):
         labels[sl][win] = i
         best[sl][win] = d2[win]
         dn = _ellipsoid_d2(
-            region, cell["nucleus_centre_um"] + shift, cell["nucleus_axes_um"], cell["angle"], pixel_size
+            region,
+            cell["nucleus_centre_um"] + shift,
+            cell["nucleus_axes_um"],
+            cell["angle"],
+            pixel_size,
         )
         nuc_d[sl] = np.where(labels[sl] == i, np.sqrt(dn), nuc_d[sl])
     return labels, nuc_d, regions
 
 
 def _sample_shifted(field_padded, pad, region, drift):
-    """A padded field read over `region`, moved by the cell's drift (the field moves with the cell)."""
+    """A padded field read over `region`, moved by the cell's drift (fields move with cells)."""
     z0, z1, y0, y1, x0, x1 = region
     dy, dx = int(drift[0]), int(drift[1])
     return field_padded[..., z0:z1, y0 - dy + pad : y1 - dy + pad, x0 - dx + pad : x1 - dx + pad]
@@ -396,12 +407,16 @@ def make_phantom(
 
     Keys: cell_labels, nucleus_labels (int32), membrane, nucleus, er, mito
     (bool), density_<target> (float32 fluorophore density), delta_n (float32).
-    Cells keep their organelles while drifting 1–2 px per timepoint.
+    Cells keep their organelles while drifting 1–2 px per timepoint. The
+    membrane is the in-plane outline (1 px each side of a contact), without
+    top/bottom caps: at 2 µm z-steps a cap would fill a whole slice.
     """
     from scipy import ndimage as ndi
 
     if cell_type not in CELL_TYPES:
-        raise InputError(f"cell_type {cell_type!r} is unknown (expected one of {sorted(CELL_TYPES)})")
+        raise InputError(
+            f"cell_type {cell_type!r} is unknown (expected one of {sorted(CELL_TYPES)})"
+        )
     if condition not in PHENOTYPES:
         raise InputError(f"condition {condition!r} is unknown (expected one of {list(CONDITIONS)})")
     shape = tuple(int(s) for s in shape)
@@ -438,7 +453,10 @@ def make_phantom(
                 continue
             sl = np.s_[region[0] : region[1], region[2] : region[3], region[4] : region[5]]
             own = labels[sl] == i
-            g, sac, tx = (_sample_shifted(f, pad, region, cell["drift"][t]) for f in (er_field, sac_field, texture))
+            g, sac, tx = (
+                _sample_shifted(f, pad, region, cell["drift"][t])
+                for f in (er_field, sac_field, texture)
+            )
             # perinuclear: the band narrows with distance from the nuclear envelope
             width = pheno["er_width"] * np.exp(-np.clip(nuc_d[sl] - 1.0, 0.0, None) / 1.5)
             cell_er = np.abs(g) < width
@@ -493,10 +511,12 @@ def phase_cycles(delta_n: np.ndarray, optics: Mapping) -> np.ndarray:
 # --------------------------------------------------------------------------- imaging
 
 
-def camera_noise(signal: np.ndarray, rng: np.random.Generator, read_noise: float) -> np.ndarray:
-    """Poisson shot noise on the expected photon count plus Gaussian read noise."""
-    counts = rng.poisson(np.clip(signal, 0.0, None).astype(np.float64))
-    return (counts + rng.normal(0.0, read_noise, size=signal.shape)).astype(np.float32)
+def camera_noise(
+    signal: np.ndarray, rng: np.random.Generator, read_noise: float, gain: float = 1.0
+) -> np.ndarray:
+    """Poisson shot noise on the expected photons (signal · gain) plus Gaussian read noise, in ADU."""
+    photons = rng.poisson(np.clip(signal, 0.0, None).astype(np.float64) * gain)
+    return (photons / gain + rng.normal(0.0, read_noise, size=signal.shape)).astype(np.float32)
 
 
 def brightfield_transfer_function(shape_zyx: Sequence[int], optics: Mapping, zenith, azimuth):
@@ -507,7 +527,9 @@ def brightfield_transfer_function(shape_zyx: Sequence[int], optics: Mapping, zen
     zen = torch.as_tensor(np.atleast_1d(np.asarray(zenith, dtype=np.float32)))
     azi = torch.as_tensor(np.atleast_1d(np.asarray(azimuth, dtype=np.float32)))
     if zen.shape != azi.shape:
-        raise ValueError(f"zenith {tuple(zen.shape)} and azimuth {tuple(azi.shape)} differ in length")
+        raise ValueError(
+            f"zenith {tuple(zen.shape)} and azimuth {tuple(azi.shape)} differ in length"
+        )
     pz, py, _ = pixel_size_zyx(optics)
     real_tf, _ = phase_thick_3d.calculate_transfer_function(
         tuple(int(s) for s in shape_zyx),
@@ -542,6 +564,7 @@ def brightfield(
     *,
     transfer_function=None,
     brightness: float = BF_BRIGHTNESS,
+    gain: float = BF_GAIN,
     read_noise: float = BF_READ_NOISE,
 ) -> np.ndarray:
     """Brightfield z-stack(s) of a (..., Z, Y, X) phase through waveorder's tilted forward model.
@@ -550,11 +573,13 @@ def brightfield(
     batched over leading axes. ``rng=None`` gives the noise-free expectation.
     """
     if transfer_function is None:
-        transfer_function = brightfield_transfer_function(phase.shape[-3:], optics, zenith, azimuth)[0]
+        transfer_function = brightfield_transfer_function(
+            phase.shape[-3:], optics, zenith, azimuth
+        )[0]
     signal = _apply_otf(phase, transfer_function) * brightness + brightness
     if rng is None:
         return signal.astype(np.float32)
-    return camera_noise(signal, rng, read_noise)
+    return camera_noise(signal, rng, read_noise, gain)
 
 
 def fluorescence_otf(shape_zyx: Sequence[int], optics: Mapping, emission_um: float):
@@ -633,7 +658,9 @@ def simulate_fovs(spec: Mapping, batch: int = 3, device: str = "cpu") -> Iterato
         ).to(device)
         for fov, tf in zip(chunk, tfs, strict=True):
             phantom_rng, noise_rng = fov_rngs(seed, fov["index"])
-            phantom = make_phantom(shape, sim["cell_type"], fov["condition"], phantom_rng, pixel_size, T)
+            phantom = make_phantom(
+                shape, sim["cell_type"], fov["condition"], phantom_rng, pixel_size, T
+            )
             phase = phase_cycles(phantom["delta_n"], optics)
             channels = [brightfield(phase, optics, rng=noise_rng, transfer_function=tf)]
             for target in spec["channels"].values():

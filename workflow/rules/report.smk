@@ -42,6 +42,7 @@ rule report:
             }
             for ps in CAMPAIGN["predict_sets"]
         },
+        models=lambda wc: {m: config["models"][m]["arch"] for m in CAMPAIGN["models"]},
         benchmarks_dir="benchmarks",
     script:
         f"{STEPS}/report.py"

@@ -47,8 +47,11 @@ def _pairs(items):
 def main(argv=None) -> int:
     steps_dir = Path(__file__).parent
     choices = sorted(p.stem for p in steps_dir.glob("*.py") if not p.stem.startswith("_"))
-    parser = argparse.ArgumentParser(prog="python -m vsbench.steps", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m vsbench.steps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("step", choices=choices)
     parser.add_argument("--input", action="append", metavar="NAME=PATH")
     parser.add_argument("--output", action="append", metavar="NAME=PATH")
@@ -69,8 +72,11 @@ def main(argv=None) -> int:
         rule=args.rule or args.step,
         wildcards=Namespace(),
     )
-    runpy.run_path(str(steps_dir / f"{args.step}.py"), init_globals={"snakemake": snakemake},
-                   run_name="__main__")
+    runpy.run_path(
+        str(steps_dir / f"{args.step}.py"),
+        init_globals={"snakemake": snakemake},
+        run_name="__main__",
+    )
     return 0
 
 

@@ -60,6 +60,10 @@ for path in (tables_dir, figures_dir, html_dir):
     path.mkdir(parents=True, exist_ok=True)
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def rel(path: Path) -> str:
     return Path(os.path.relpath(path, html_dir)).as_posix()
 
@@ -145,7 +149,7 @@ intro = [
         "Predict sets: "
         + (
             ", ".join(
-                f"{ps} ({channels[ps]['dataset']}, {len(channels[ps].get('fovs', []))} FOVs)"
+                f"{ps} ({channels[ps]['dataset']}, {plural(len(channels[ps].get('fovs', [])), 'FOV')})"
                 if ps in channels
                 else ps
                 for ps in predict_sets
@@ -171,7 +175,9 @@ for target, df in metrics.items():
     body.append(rp.html_links([(rel(p), kind) for kind, p in files.items()]))
 
     fig = rp.bar_figure(df, title=f"{target}: mean ± std over (FOV, t)")
-    body.append(rp.html_figure(rel(save_figure(fig, f"bars_{target}")), f"{target}: PCC, SSIM, Dice"))
+    body.append(
+        rp.html_figure(rel(save_figure(fig, f"bars_{target}")), f"{target}: PCC, SSIM, Dice")
+    )
 
     # example panel: best trained model by PCC on the first predict set
     ps = next((p for p in predict_sets if (df["predict_set"].astype(str) == p).any()), None)
@@ -187,7 +193,9 @@ for target, df in metrics.items():
             None,
         )
         if index is None:
-            raise io.InputError(f"report: metrics row {key} is not a benchmark cell in params.cells")
+            raise io.InputError(
+                f"report: metrics row {key} is not a benchmark cell in params.cells"
+            )
         spec = channels.get(ps)
         if spec is None:
             raise io.InputError(f"report: params.channels has no predict set {ps!r}")
@@ -237,7 +245,7 @@ for path in tilt_paths:
     fig = rp.tilt_figure(per_fov, title=f"{dataset}: illumination tilt per FOV")
     caption = (
         f"{dataset}: estimated vs true zenith/azimuth per FOV (mean over t and subtiles)"
-        if "true_zenith" in per_fov.columns
+        if "true_zenith" in per_fov.columns and per_fov["true_zenith"].notna().any()
         else f"{dataset}: estimated zenith/azimuth per FOV"
     )
     figure = rp.html_figure(rel(save_figure(fig, f"tilt_{dataset}")), caption)

@@ -1,0 +1,134 @@
+"""Prediction: load a vsbench checkpoint, sliding-window inference with blended tiles.
+
+Tiles cover the whole Z stack and overlap in Y and X; each tile's output is
+weighted by a separable tent (pyramid) that is highest at the tile centre, so
+tile borders — where a convolutional network sees padding instead of context —
+count least, and the normalized weighted sum has no seams.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vsbench.io import InputError
+from vsbench.models import build_model
+from vsbench.train import CHECKPOINT_FORMAT
+
+REQUIRED_KEYS = ("format", "arch", "model_config", "state_dict")
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode on `device`, checkpoint metadata without the weights).
+
+    Reads only tensors and primitives (weights_only=True); every problem —
+    missing file, not a checkpoint, wrong format, weights that do not fit the
+    recorded architecture — is an InputError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a non-checkpoint
+        raise InputError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(f"{path}: expected a {CHECKPOINT_FORMAT!r} checkpoint, got {got!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks key(s) {missing}")
+    try:
+        model = build_model(ckpt["arch"], ckpt["model_config"])
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+    try:
+        result = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise InputError(
+            f"{path}: weights do not fit architecture {ckpt['arch']!r} ({first})"
+        ) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(
+            f"{path}: weights do not fit architecture {ckpt['arch']!r} "
+            f"(missing {list(result.missing_keys)[:5]}, unexpected {list(result.unexpected_keys)[:5]})"
+        )
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "best")}
+    return model, meta
+
+
+def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Tile origins covering [0, size): stride tile·(1 − overlap), last tile flush with the end."""
+    if tile >= size:
+        return [0]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def tent(n: int) -> np.ndarray:
+    """1-D tent weights in (0, 1]: 1 at the centre, 1/ceil(n/2) at the edges (never zero)."""
+    i = np.arange(n, dtype=np.float32)
+    w = np.minimum(i + 1, n - i)
+    return w / w.max()
+
+
+def blend_weights(tile_y: int, tile_x: int) -> np.ndarray:
+    """Separable pyramid weights (Y, X) for one tile."""
+    return np.outer(tent(tile_y), tent(tile_x)).astype(np.float32)
+
+
+def _divisibility(model: torch.nn.Module) -> tuple[int, int, int]:
+    return tuple(int(d) for d in getattr(model, "divisibility", (1, 1, 1)))
+
+
+@torch.inference_mode()
+def predict_volume(
+    model: torch.nn.Module,
+    zyx: np.ndarray,
+    tile_yx: int = 64,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Predict one normalized (Z, Y, X) volume by overlapping YX tiles over the whole Z.
+
+    Z is edge-padded to the model's divisibility and cropped back; tiles are
+    batched; the accumulator has the model's output channels. Returns (Z, Y, X)
+    for a one-channel model, (C, Z, Y, X) otherwise.
+    """
+    if zyx.ndim != 3:
+        raise InputError(f"predict_volume expects a (Z, Y, X) volume, got shape {zyx.shape}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    model.eval()
+    Z, Y, X = zyx.shape
+    dz = _divisibility(model)[0]
+    x = torch.from_numpy(np.ascontiguousarray(zyx, dtype=np.float32)).to(device)
+    pad_z = (-Z) % dz
+    if pad_z:
+        x = torch.nn.functional.pad(x[None, None], (0, 0, 0, 0, 0, pad_z), mode="replicate")[0, 0]
+    ty, tx = min(int(tile_yx), Y), min(int(tile_yx), X)
+    origins = [(y0, x0) for y0 in tile_starts(Y, ty, overlap) for x0 in tile_starts(X, tx, overlap)]
+    w = torch.from_numpy(blend_weights(ty, tx)).to(device)
+    weight_sum = torch.zeros((Y, X), dtype=torch.float32, device=device)
+    out = None
+    use_bf16 = torch.device(device).type == "cuda"
+    for i in range(0, len(origins), batch_size):
+        chunk = origins[i : i + batch_size]
+        batch = torch.stack([x[:, y0 : y0 + ty, x0 : x0 + tx] for y0, x0 in chunk])[:, None]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            pred = model(batch)
+        pred = pred.float()[:, :, :Z]
+        if out is None:
+            out = torch.zeros((pred.shape[1], Z, Y, X), dtype=torch.float32, device=device)
+        for p, (y0, x0) in zip(pred, chunk, strict=True):
+            out[:, :, y0 : y0 + ty, x0 : x0 + tx] += p * w
+            weight_sum[y0 : y0 + ty, x0 : x0 + tx] += w
+    out = (out / weight_sum).cpu().numpy()
+    return out[0] if out.shape[0] == 1 else out

@@ -1,0 +1,181 @@
+"""Per-cell features: known values on hand-built images, and the step script on tiny plates."""
+
+from __future__ import annotations
+
+import runpy
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from vsbench.features import FEATURES, ID_COLUMNS, INTENSITY_FEATURES, cell_features
+
+
+def hand_built():
+    image = np.zeros((4, 8, 8))
+    labels = np.zeros((4, 8, 8), np.int32)
+    labels[1:3, 1:3, 1:3] = 3  # 8 voxels, values 1..8
+    image[1:3, 1:3, 1:3] = np.arange(1, 9).reshape(2, 2, 2)
+    labels[0, 5:8, 5:8] = 7  # 9 voxels, constant 0.5
+    image[0, 5:8, 5:8] = 0.5
+    return image, labels
+
+
+def test_known_values_on_hand_built_cells():
+    image, labels = hand_built()
+    df = cell_features(image, labels)
+    assert list(df.columns) == ["cell_id", *FEATURES]
+    assert df["cell_id"].tolist() == [3, 7]
+    a, b = df.iloc[0], df.iloc[1]
+    values = np.arange(1, 9, dtype=float)
+    assert a["volume"] == 8 and b["volume"] == 9
+    assert (a["centroid_z"], a["centroid_y"], a["centroid_x"]) == (1.5, 1.5, 1.5)
+    assert (b["centroid_z"], b["centroid_y"], b["centroid_x"]) == (0.0, 6.0, 6.0)
+    assert a["mean"] == 4.5 and a["min"] == 1 and a["max"] == 8
+    assert a["std"] == pytest.approx(np.sqrt(5.25))  # population std of 1..8
+    for q in (10, 25, 50, 75, 90):
+        assert a[f"p{q}"] == pytest.approx(np.percentile(values, q))
+    assert a["iqr"] == pytest.approx(3.5)
+    assert a["skewness"] == pytest.approx(stats.skew(values))
+    assert a["kurtosis"] == pytest.approx(stats.kurtosis(values))  # excess, biased: -1.238
+    assert a["kurtosis"] == pytest.approx(-1.2380952380952381)
+    # a constant cell: zero spread, skewness/kurtosis 0 by convention (finite matrix)
+    assert b["mean"] == 0.5 and b["std"] == 0 and b["iqr"] == 0
+    assert b["skewness"] == 0 and b["kurtosis"] == 0
+    assert np.isfinite(df[list(FEATURES)].to_numpy()).all()
+
+
+def test_random_cells_match_direct_numpy():
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, size=(6, 30, 30))
+    labels = rng.integers(0, 5, size=image.shape).astype(np.int32)
+    df = cell_features(image, labels).set_index("cell_id")
+    for cid in range(1, 5):
+        v = image[labels == cid]
+        row = df.loc[cid]
+        np.testing.assert_allclose(
+            [row["mean"], row["std"], row["min"], row["max"], row["p90"], row["skewness"]],
+            [v.mean(), v.std(), v.min(), v.max(), np.percentile(v, 90), stats.skew(v)],
+            rtol=1e-10,
+        )
+        assert row["kurtosis"] == pytest.approx(stats.kurtosis(v), rel=1e-9)
+
+
+def test_gradient_and_laplacian_on_a_ramp():
+    """x-ramp of slope s: 3D Sobel = (-1, 0, 1) x (1, 2, 1) x (1, 2, 1) gives 32 s; Laplacian 0."""
+    slope = 0.01
+    image = np.broadcast_to(slope * np.arange(20.0), (6, 20, 20)).copy()
+    labels = np.zeros(image.shape, np.int32)
+    labels[2:4, 5:15, 5:15] = 1
+    row = cell_features(image, labels).iloc[0]
+    assert row["gradient_mean"] == pytest.approx(32 * slope)
+    assert row["gradient_std"] == pytest.approx(0, abs=1e-12)
+    assert row["laplacian_var"] == pytest.approx(0, abs=1e-20)
+    flat = cell_features(np.full(image.shape, 0.3), labels).iloc[0]
+    assert flat["gradient_mean"] == 0 and flat["laplacian_var"] == 0
+
+
+def test_no_cells_gives_empty_table_with_columns():
+    df = cell_features(np.ones((2, 4, 4)), np.zeros((2, 4, 4), np.int32))
+    assert len(df) == 0 and list(df.columns) == ["cell_id", *FEATURES]
+    with pytest.raises(ValueError, match="equal ZYX shapes"):
+        cell_features(np.ones((2, 4, 4)), np.zeros((2, 4, 5), np.int32))
+
+
+# --------------------------------------------------------------------------- step script
+
+
+def write_labels(path, fovs, scale):
+    from vsbench import io
+
+    with io.create_plate(path, ["cells"]) as plate:
+        for fov, labels in fovs.items():
+            io.write_fov(plate, fov, labels[:, None].astype(np.int32), scale)
+    return path
+
+
+def run_step(repo_root, rule, image, cells, table, channel, fovs, conditions):
+    ns = types.SimpleNamespace(
+        input=types.SimpleNamespace(image=str(image), cells=str(cells)),
+        output=types.SimpleNamespace(table=str(table)),
+        params=types.SimpleNamespace(channel=channel, fovs=fovs, conditions=conditions),
+        log=[],
+        threads=1,
+        rule=rule,
+    )
+    runpy.run_path(str(repo_root / "src/vsbench/steps/features.py"), init_globals={"snakemake": ns})
+
+
+@pytest.fixture
+def plates(tmp_path, make_plate):
+    rng = np.random.default_rng(1)
+    shape = (2, 6, 32, 32)
+    fovs, cells = {}, {}
+    for k, fov in enumerate(["A/1/0", "A/2/0"]):
+        er = rng.gamma(2.0, size=shape).astype(np.float32) * (k + 1)
+        fovs[fov] = np.stack([rng.normal(size=shape), er + 5, er * 0 + 1, er], axis=1)
+        lab = np.zeros(shape, np.int32)
+        lab[:, 1:4, 2:10, 2:10] = 1
+        lab[:, 2:5, 15:25, 12:30] = 2
+        lab[1, 0:2, 26:30, 2:8] = 5  # only at t=1
+        cells[fov] = lab
+    pre = make_plate(tmp_path / "pre.zarr", fovs, ["BF", "Nucleus", "Membrane", "ER"])
+    pred = make_plate(
+        tmp_path / "pred.zarr",
+        {f: 0.2 * d[:, 3:4] - 3.0 for f, d in fovs.items()},  # an affine copy of the GT
+        ["er_prediction"],
+    )
+    cells_path = write_labels(tmp_path / "cells.zarr", cells, (2.0, 0.325, 0.325))
+    return pre, pred, cells_path, fovs, cells
+
+
+def test_step_tables_pair_up_and_are_scale_invariant(tmp_path, repo_root, plates):
+    from vsbench import io
+    from vsbench.segment import percentile_limits, scale_unit
+
+    pre, pred, cells_path, fovs, cells = plates
+    names = ["A/1/0", "A/2/0"]
+    conditions = {"A/1/0": "mock", "A/2/0": "denv"}
+    gt_table, pred_table = tmp_path / "gt.parquet", tmp_path / "pred.parquet"
+    run_step(repo_root, "features_gt", pre, cells_path, gt_table, "ER", names, conditions)
+    run_step(
+        repo_root, "features", pred, cells_path, pred_table, "er_prediction", names, conditions
+    )
+    gt, pr = io.read_table(gt_table), io.read_table(pred_table)
+    assert list(gt.columns) == [*ID_COLUMNS, *FEATURES] == list(pr.columns)
+    assert len(gt) == 2 * (2 + 3)  # 2 FOVs: 2 cells at t=0, 3 at t=1
+    assert gt.groupby(["fov", "t"]).size().tolist() == [2, 3, 2, 3]
+    assert dict(zip(gt["fov"], gt["condition"], strict=True)) == conditions
+    pd.testing.assert_frame_equal(gt[list(ID_COLUMNS)], pr[list(ID_COLUMNS)])
+    # p1-p99 scaling per FOV makes an affine copy of the GT give the same features
+    np.testing.assert_allclose(
+        gt[list(INTENSITY_FEATURES)].to_numpy(), pr[list(INTENSITY_FEATURES)].to_numpy(), atol=1e-5
+    )
+    # values are taken on the FOV's [0, 1] scale
+    er = fovs["A/2/0"][:, 3]
+    unit = scale_unit(er, percentile_limits(er))
+    row = gt[(gt.fov == "A/2/0") & (gt.t == 1) & (gt.cell_id == 2)].iloc[0]
+    assert row["mean"] == pytest.approx(unit[1][cells["A/2/0"][1] == 2].mean(), rel=1e-6)
+    assert 0 <= gt["min"].min() and gt["max"].max() <= 1
+
+
+def test_step_shape_mismatch_is_input_error(tmp_path, repo_root, make_plate, plates):
+    from vsbench.io import InputError
+
+    _, _, cells_path, _, _ = plates
+    small = make_plate(
+        tmp_path / "small.zarr", {"A/1/0": np.ones((2, 1, 6, 16, 16))}, ["er_prediction"]
+    )
+    with pytest.raises(InputError, match="does not match"):
+        run_step(
+            repo_root,
+            "features",
+            small,
+            cells_path,
+            tmp_path / "x.parquet",
+            "er_prediction",
+            ["A/1/0"],
+            {},
+        )

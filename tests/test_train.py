@@ -1,0 +1,351 @@
+"""train: UNet shapes, learning, determinism, resume, identity baseline, the step script."""
+
+import math
+import os
+import runpy
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from vsbench import io
+from vsbench.models import UNet3D, build_model, model_config, z_levels_for
+from vsbench.predict import load_model, predict_volume
+from vsbench.preprocess import fov_statistics
+from vsbench.train import (
+    LOG_COLUMNS,
+    evaluate_identity,
+    fixed_crops,
+    learning_rate,
+    model_settings,
+    sample_crop,
+    train_model,
+)
+
+STEP = Path(__file__).resolve().parents[1] / "src" / "vsbench" / "steps" / "train.py"
+TINY = dict(
+    arch="unet3d",
+    base_channels=4,
+    depth=2,
+    epochs=3,
+    steps_per_epoch=4,
+    val_steps=2,
+    batch_size=2,
+    crop=[4, 24, 24],
+    lr=0.01,
+    loss="mse",
+)
+
+
+def synthetic_pair(seed: int, shape=(2, 8, 40, 40), thr: float = 1.0):
+    """Target = smoothed (|input| > thr): nonlinear, and uncorrelated with the input."""
+    rng = np.random.default_rng(seed)
+    x = ndi.gaussian_filter(rng.normal(size=shape), (0, 0.7, 1.5, 1.5))
+    x = ((x - x.mean()) / x.std()).astype(np.float32)
+    y = ndi.gaussian_filter((np.abs(x) > thr).astype(np.float32), (0, 0.7, 1.0, 1.0))
+    y = (y - y.mean()) / y.std()
+    return x, y.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return [synthetic_pair(i) for i in range(3)], [synthetic_pair(10)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: tiny models are op-overhead bound, and two OpenMP threads on a
+    2-core machine shared with other test runs stall at every barrier."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """Step scripts set OMP env vars and torch threads: undo that for the rest of the session."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    yield
+    torch.set_num_threads(1)
+
+
+def pcc(a, b) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    ("shape", "depth", "z_levels"),
+    [((1, 1, 5, 37, 29), 2, 1), ((2, 1, 8, 64, 64), 2, 2), ((1, 1, 1, 9, 10), 3, 0)],
+)
+def test_unet_output_shape_for_odd_sizes(shape, depth, z_levels):
+    torch.manual_seed(0)
+    model = UNet3D(base_channels=4, depth=depth, z_levels=z_levels).eval()
+    with torch.no_grad():
+        out = model(torch.randn(shape))
+    assert out.shape == shape
+    assert torch.isfinite(out).all()
+    assert model.divisibility == (2**z_levels, 2**depth, 2**depth)
+
+
+def test_z_downsampling_follows_crop_depth():
+    assert z_levels_for(8, 2) == 2  # 8 → 4 → 2
+    assert z_levels_for(4, 2) == 1  # 4 → 2, no further
+    assert z_levels_for(3, 3) == 0
+    assert z_levels_for(16, 3) == 3
+    cfg = model_config(model_settings({**TINY, "crop": [4, 24, 24]}))
+    assert cfg["z_levels"] == 1
+    model = build_model("unet3d", cfg)
+    assert model.downs[0][0].stride == (2, 2, 2) and model.downs[1][0].stride == (1, 2, 2)
+
+
+def test_model_settings_fill_defaults_and_reject_bad_values():
+    s = model_settings({"arch": "unet3d"})
+    assert s["crop"] == [8, 64, 64] and s["loss"] == "mse" and s["val_steps"] == 4
+    with pytest.raises(io.InputError, match="arch"):
+        model_settings({"arch": "resnet"})
+    with pytest.raises(io.InputError, match="crop"):
+        model_settings({"arch": "unet3d", "crop": [8, 64]})
+    with pytest.raises(io.InputError, match="loss"):
+        model_settings({"arch": "unet3d", "loss": "huber"})
+
+
+def test_learning_rate_is_cosine_per_epoch():
+    s = model_settings(TINY)
+    assert learning_rate(s, 0) == pytest.approx(0.01)
+    assert learning_rate(s, 3) == pytest.approx(
+        0.01 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi)))
+    )
+    lrs = [learning_rate(s, e) for e in range(3)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_crops_are_seeded_and_augmentation_keeps_pairs_aligned(pairs):
+    train, _ = pairs
+    a1 = sample_crop(train, [4, 24, 24], np.random.default_rng(3), augment=True)
+    a2 = sample_crop(train, [4, 24, 24], np.random.default_rng(3), augment=True)
+    np.testing.assert_array_equal(a1[0], a2[0])
+    # augmentation acts identically on source and target: the target is still f(source)
+    x, _ = train[0]
+    ident = [(x, x * 2.0 + 1.0)]
+    for seed in range(8):
+        src, tgt = sample_crop(ident, [4, 24, 24], np.random.default_rng(seed), augment=True)
+        np.testing.assert_allclose(tgt, src * 2.0 + 1.0, rtol=1e-6)
+    s1, t1 = fixed_crops(train, [4, 24, 24], 5, seed=0)
+    s2, _ = fixed_crops(train, [4, 24, 24], 5, seed=0)
+    assert s1.shape == (5, 1, 4, 24, 24) and torch.equal(s1, s2)
+
+
+def test_identity_val_loss_is_the_real_loss(pairs):
+    train, val = pairs
+    s = model_settings({**TINY, "arch": "identity"})
+    row = evaluate_identity(train, val, s, seed=0)
+    src, tgt = fixed_crops(val, s["crop"], s["val_steps"] * s["batch_size"], seed=0)
+    expected = float(np.mean((src.numpy() - tgt.numpy()) ** 2))
+    assert row["val_loss"] == pytest.approx(expected, rel=1e-6)
+    assert set(row) == set(LOG_COLUMNS) and row["epoch"] == 0
+    s_l1 = model_settings({**TINY, "arch": "identity", "loss": "l1"})
+    expected_l1 = float(np.mean(np.abs(src.numpy() - tgt.numpy())))
+    assert evaluate_identity(train, val, s_l1, seed=0)["val_loss"] == pytest.approx(expected_l1)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_learns_a_nonlinear_target_and_beats_identity(pairs):
+    train, val = pairs
+    s = model_settings({**TINY, "epochs": 4, "steps_per_epoch": 12, "batch_size": 4})
+    final = train_model(train, val, s, seed=0)
+    hist = final["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert hist[-1]["val_loss"] < 0.6 * hist[0]["val_loss"]
+    identity = evaluate_identity(train, val, s, seed=0)["val_loss"]
+    assert final["best"]["val_loss"] < 0.5 * identity
+    # quality gate on a whole held-out volume: PCC of the trained model beats identity's
+    model = build_model("unet3d", model_config(s))
+    model.load_state_dict(final["best"]["state_dict"])
+    x, y = val[0]
+    pred = predict_volume(model, x[0], tile_yx=24, overlap=0.25, batch_size=4)
+    assert abs(pcc(x[0], y[0])) < 0.3  # the input alone is a poor predictor here
+    assert pcc(pred, y[0]) > 0.6
+
+
+def test_same_seed_same_weights_on_cpu(pairs):
+    train, val = pairs
+    s = model_settings({**TINY, "epochs": 2, "steps_per_epoch": 3})
+    a = train_model(train, val, s, seed=7)["state_dict"]
+    b = train_model(train, val, s, seed=7)["state_dict"]
+    c = train_model(train, val, s, seed=8)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(pairs, tmp_path):
+    train, val = pairs
+    s = model_settings(TINY)
+    full = train_model(train, val, s, seed=1)
+
+    last = tmp_path / "last.ckpt"
+
+    def persist_then_die(state):
+        torch.save(state, last)
+        if state["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_model(train, val, s, seed=1, on_epoch_end=persist_then_die)
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 2
+
+    epochs_run = []
+    resumed = train_model(
+        train, val, s, seed=1, resume=state, on_epoch_end=lambda st: epochs_run.append(st["epoch"])
+    )
+    assert epochs_run == [2]  # only the unfinished epoch
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    for h_full, h_res in zip(full["history"], resumed["history"], strict=True):
+        assert h_res["val_loss"] == pytest.approx(h_full["val_loss"], rel=1e-6)
+    assert all(
+        torch.equal(full["state_dict"][k], resumed["state_dict"][k]) for k in full["state_dict"]
+    )
+    # resuming a finished run does nothing
+    again = train_model(
+        train, val, s, seed=1, resume=resumed, on_epoch_end=lambda st: epochs_run.append(-1)
+    )
+    assert epochs_run == [2] and again["epoch"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_bf16(pairs):
+    train, val = pairs
+    s = model_settings({**TINY, "epochs": 2})
+    final = train_model(train, val, s, seed=0, device="cuda")
+    assert all(math.isfinite(h["val_loss"]) for h in final["history"])
+    assert all(v.device.type == "cpu" for v in final["state_dict"].values())
+
+
+# --------------------------------------------------------------------------- step script
+
+
+def write_plates(root: Path, fovs, shape=(2, 8, 40, 40)):
+    """phase.zarr (Phase3D) + preprocessed.zarr (BF, Nucleus), with per-FOV statistics."""
+    phase_path, fl_path = root / "phase.zarr", root / "preprocessed.zarr"
+    scale = (2.0, 0.325, 0.325)
+    with (
+        io.create_plate(phase_path, ["Phase3D"]) as phase,
+        io.create_plate(fl_path, ["BF", "Nucleus"]) as fl,
+    ):
+        for i, fov in enumerate(fovs):
+            x, y = synthetic_pair(i, shape)
+            x_raw = x * 0.05 + 0.01  # phase in radians-like units
+            y_raw = y * 30.0 + 200.0  # fluorescence counts
+            bf = np.random.default_rng(i).normal(1.0, 0.1, size=shape).astype(np.float32)
+            p = io.write_fov(phase, fov, x_raw[:, None].astype(np.float32), scale)
+            f = io.write_fov(fl, fov, np.stack([bf, y_raw], axis=1).astype(np.float32), scale)
+            for pos, chans in ((p, {"Phase3D": x_raw}), (f, {"BF": bf, "Nucleus": y_raw})):
+                norm = {}
+                for name, arr in chans.items():
+                    fs, ts = fov_statistics(arr, stride=4)
+                    norm[name] = {"fov_statistics": fs, "timepoint_statistics": ts}
+                pos.zattrs.update(io.to_jsonable({"normalization": norm}))
+    return phase_path, fl_path
+
+
+def run_train_step(tmp_path, model, phase, fl, fovs, target="nucleus"):
+    out = tmp_path / "target" / target / "demo" / model["arch"]
+    ns = types.SimpleNamespace(
+        input=types.SimpleNamespace(phase=[str(phase)], fluorescence=[str(fl)]),
+        output=types.SimpleNamespace(
+            ckpt=str(out / "model.ckpt"), curve=str(out / "train_log.csv")
+        ),
+        params=types.SimpleNamespace(
+            model=model,
+            data=[
+                {
+                    "dataset": "demo",
+                    "phase": str(phase),
+                    "fluorescence": str(fl),
+                    "channel": "Nucleus",
+                    "train": fovs[:2],
+                    "val": fovs[2:3],
+                }
+            ],
+            seed=0,
+            device="cpu",
+        ),
+        wildcards=types.SimpleNamespace(target=target),
+        log=[],
+        threads=1,
+        rule="train",
+    )
+    runpy.run_path(str(STEP), init_globals={"snakemake": ns})
+    return out
+
+
+FOVS = ["A/1/0", "A/1/1", "A/1/2"]
+
+
+def test_train_step_identity(tmp_path, restore_threads):
+    phase, fl = write_plates(tmp_path, FOVS)
+    out = run_train_step(tmp_path, model_settings({**TINY, "arch": "identity"}), phase, fl, FOVS)
+    ckpt = torch.load(out / "model.ckpt", weights_only=True)
+    assert ckpt["format"] == "vsbench-model/1" and ckpt["arch"] == "identity"
+    assert ckpt["target"] == "nucleus" and ckpt["target_channel"] == "Nucleus"
+    curve = pd.read_csv(out / "train_log.csv")
+    assert list(curve.columns) == list(LOG_COLUMNS) and len(curve) == 1
+    assert curve["val_loss"][0] == pytest.approx(ckpt["val_loss"]) and ckpt["val_loss"] > 0.1
+
+
+def test_train_step_unet_writes_best_and_resumes(tmp_path, restore_threads):
+    phase, fl = write_plates(tmp_path, FOVS)
+    settings = model_settings({**TINY, "epochs": 2, "steps_per_epoch": 3})
+    out = run_train_step(tmp_path, settings, phase, fl, FOVS)
+    curve = pd.read_csv(out / "train_log.csv")
+    assert list(curve["epoch"]) == [0, 1] and list(curve.columns) == list(LOG_COLUMNS)
+    ckpt = torch.load(out / "model.ckpt", weights_only=True)
+    assert ckpt["val_loss"] == pytest.approx(curve["val_loss"].min(), rel=1e-6)
+    assert ckpt["epoch"] == int(curve["val_loss"].idxmin())
+    assert ckpt["normalization"] == "median_iqr" and "optimizer" not in ckpt
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and "optimizer" in last
+    model, meta = load_model(out / "model.ckpt", "cpu")
+    assert meta["arch"] == "unet3d" and not any(Path(out).glob(".*.tmp"))
+
+    # rerun (e.g. Snakemake deleted the outputs after a kill): nothing is retrained
+    mtime = (out / "last.ckpt").stat().st_mtime_ns
+    (out / "model.ckpt").unlink()
+    run_train_step(tmp_path, settings, phase, fl, FOVS)
+    assert (out / "last.ckpt").stat().st_mtime_ns == mtime
+    again = torch.load(out / "model.ckpt", weights_only=True)
+    assert all(
+        torch.equal(again["state_dict"][k], ckpt["state_dict"][k]) for k in ckpt["state_dict"]
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(out / "train_log.csv"), curve)
+
+    # other settings: last.ckpt is ignored and replaced
+    run_train_step(tmp_path, {**settings, "lr": 0.02}, phase, fl, FOVS)
+    assert torch.load(out / "last.ckpt", weights_only=True)["settings"]["lr"] == 0.02
+
+
+def test_train_step_rejects_missing_statistics(tmp_path, restore_threads):
+    phase, fl = write_plates(tmp_path, FOVS)
+    with io.open_plate(phase, mode="r+") as plate:
+        plate["A/1/1"].zattrs["normalization"] = {}
+    with pytest.raises(io.InputError, match=r"phase.zarr FOV A/1/1.*Phase3D"):
+        run_train_step(tmp_path, model_settings(TINY), phase, fl, FOVS)
