@@ -25,7 +25,10 @@ rule reconstruct:
     params:
         dataset="{dataset}",
         manifest=lambda wc: MANIFESTS[wc.dataset],
-        settings=config["reconstruct"],
+        settings={
+            **config["reconstruct"],
+            "sample_stride": config["preprocess"]["sample_stride"],
+        },
         device=config["device"],
     script:
         f"{STEPS}/reconstruct.py"
