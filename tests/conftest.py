@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +30,26 @@ def make_plate():
         return Path(path)
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread: tiny models are op-overhead bound, and two OpenMP threads on a
+    2-core machine shared with other work stall at every barrier."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """Step scripts set OMP env vars and torch threads: undo that for the rest of the session."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    yield
+    torch.set_num_threads(1)

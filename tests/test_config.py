@@ -53,7 +53,10 @@ def test_demo_campaign_is_consistent(repo_root):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c, m: c["campaign"]["models"].append("nope"), "campaign.models: unknown name 'nope'"),
+        (
+            lambda c, m: c["campaign"]["models"].append("nope"),
+            "campaign.models: unknown name 'nope'",
+        ),
         (lambda c, m: c["train_sets"]["ipsc"]["datasets"].append("zz"), "unknown dataset 'zz'"),
         (lambda c, m: c["predict_sets"]["a549_all"].update(dataset="zz"), "unknown dataset 'zz'"),
         (lambda c, m: m["a549"]["optics"].update(na_illumination=0.6), "na_illumination"),

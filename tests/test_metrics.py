@@ -142,15 +142,23 @@ def test_fid_fewer_than_two_cells_is_nan():
     assert math.isnan(M.fid(a[:, :0], a[:, :0]))
 
 
-def test_standardize_uses_gt_statistics_and_drops_constant_columns():
+def test_standardize_uses_gt_statistics_and_prunes_near_constant_columns():
     rng = np.random.default_rng(2)
-    gt = np.column_stack([rng.normal(5, 2, 50), np.full(50, 7.0), np.full(50, 1.0)])
-    pred = np.column_stack([rng.normal(6, 2, 40), rng.normal(7, 1, 40), np.full(40, 1.0)])
+    gt = np.column_stack(
+        [rng.normal(5, 2, 50), np.full(50, 7.0), np.full(50, 1.0), rng.normal(0, 1e-3, 50)]
+    )
+    pred = np.column_stack(
+        [rng.normal(6, 2, 40), rng.normal(7, 1, 40), np.full(40, 1.0), rng.normal(0.2, 0.1, 40)]
+    )
     gz, pz, kept = M.standardize(gt, pred)
-    assert kept.tolist() == [0, 1]  # constant in both sets: dropped
+    # constant in both, constant in GT, and GT std << pooled std: all pruned
+    assert kept.tolist() == [0]
     assert gz[:, 0].mean() == pytest.approx(0, abs=1e-12) and gz[:, 0].std() == pytest.approx(1)
     np.testing.assert_allclose(pz[:, 0], (pred[:, 0] - gt[:, 0].mean()) / gt[:, 0].std())
-    assert gz[:, 1].std() == 0 and pz[:, 1].std() > 0  # GT-constant column kept, pooled scale
+    # an ordinary shifted column is kept however large the shift
+    shifted = np.column_stack([gt[:, 0], gt[:, 0] * 3])
+    _, pz2, kept2 = M.standardize(shifted, shifted + 10.0)
+    assert kept2.tolist() == [0, 1] and np.all(np.abs(pz2) < 100)
 
 
 def test_median_cosine_similarity():

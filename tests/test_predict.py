@@ -1,6 +1,5 @@
 """predict: sliding-window blending, checkpoint loading and its errors, the step script."""
 
-import os
 import runpy
 import types
 from pathlib import Path
@@ -15,26 +14,12 @@ from vsbench.predict import blend_weights, load_model, predict_volume, tent, til
 from vsbench.preprocess import fov_statistics, normalize
 from vsbench.train import checkpoint, model_settings
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 STEP = Path(__file__).resolve().parents[1] / "src" / "vsbench" / "steps" / "predict.py"
 UNET = model_settings(
     {"arch": "unet3d", "base_channels": 4, "depth": 2, "crop": [8, 32, 32], "epochs": 1}
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def restore_threads(monkeypatch):
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        monkeypatch.setenv(var, os.environ.get(var, "1"))
-    yield
-    torch.set_num_threads(1)
 
 
 class Pointwise(torch.nn.Module):

@@ -68,8 +68,11 @@ def test_check_values_rejects_nan_and_all_zero():
 
 MANIFEST = {
     "optics": {
-        "wavelength_um": 0.45, "na_detection": 0.55, "na_illumination": 0.4,
-        "index_media": 1.0, "pixel_size_um": {"z": 2.0, "y": 0.325, "x": 0.325},
+        "wavelength_um": 0.45,
+        "na_detection": 0.55,
+        "na_illumination": 0.4,
+        "index_media": 1.0,
+        "pixel_size_um": {"z": 2.0, "y": 0.325, "x": 0.325},
     },
     "brightfield": "BF",
     "channels": {"Nuc": "nucleus"},
@@ -82,7 +85,9 @@ def _run(tmp_path, raw, manifest=MANIFEST):
         input=types.SimpleNamespace(raw=str(raw)),
         output=types.SimpleNamespace(store=str(out)),
         params=types.SimpleNamespace(manifest=manifest, sample_stride=4),
-        log=[], threads=1, rule="preprocess",
+        log=[],
+        threads=1,
+        rule="preprocess",
     )
     runpy.run_path("src/vsbench/steps/preprocess.py", init_globals={"snakemake": sm})
     return out
@@ -93,8 +98,12 @@ def test_step_rechunks_and_writes_statistics(tmp_path, make_plate, repo_root, mo
     rng = np.random.default_rng(2)
     fovs = {f: rng.normal(5, 1, size=(2, 3, 4, 16, 16)) for f in ("A/1/0", "A/1/1")}
     # an extra channel not in the manifest is dropped; channel order follows the manifest
-    raw = make_plate(tmp_path / "raw.zarr", fovs, ["Extra", "Nuc", "BF"],
-                     attrs={"A/1/0": {"simulation": {"zenith": 0.1}}})
+    raw = make_plate(
+        tmp_path / "raw.zarr",
+        fovs,
+        ["Extra", "Nuc", "BF"],
+        attrs={"A/1/0": {"simulation": {"zenith": 0.1}}},
+    )
     out = _run(tmp_path, raw)
     with io.open_plate(out) as plate:
         assert plate.channel_names == ["BF", "Nuc"]
@@ -120,7 +129,9 @@ def test_step_rejects_bad_input_naming_fov(tmp_path, make_plate, repo_root, monk
     raw = make_plate(tmp_path / "raw.zarr", {"A/1/0": good, "A/1/1": bad}, ["BF", "Nuc"])
     with pytest.raises(io.InputError, match="FOV A/1/1 channel Nuc: 1 non-finite"):
         _run(tmp_path, raw)
-    raw2 = make_plate(tmp_path / "raw2.zarr", {"A/1/0": good}, ["BF", "Nuc"], scale=(1.0, 0.325, 0.325))
+    raw2 = make_plate(
+        tmp_path / "raw2.zarr", {"A/1/0": good}, ["BF", "Nuc"], scale=(1.0, 0.325, 0.325)
+    )
     with pytest.raises(io.InputError, match="differs from the manifest optics"):
         _run(tmp_path, raw2)
     raw3 = make_plate(tmp_path / "raw3.zarr", {"A/1/0": good}, ["BF", "GFP"])

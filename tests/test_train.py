@@ -1,7 +1,6 @@
 """train: UNet shapes, learning, determinism, resume, identity baseline, the step script."""
 
 import math
-import os
 import runpy
 import types
 from pathlib import Path
@@ -24,7 +23,10 @@ from vsbench.train import (
     model_settings,
     sample_crop,
     train_model,
+    training_crop,
 )
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 STEP = Path(__file__).resolve().parents[1] / "src" / "vsbench" / "steps" / "train.py"
 TINY = dict(
@@ -54,25 +56,6 @@ def synthetic_pair(seed: int, shape=(2, 8, 40, 40), thr: float = 1.0):
 @pytest.fixture(scope="module")
 def pairs():
     return [synthetic_pair(i) for i in range(3)], [synthetic_pair(10)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny models are op-overhead bound, and two OpenMP threads on a
-    2-core machine shared with other test runs stall at every barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def restore_threads(monkeypatch):
-    """Step scripts set OMP env vars and torch threads: undo that for the rest of the session."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        monkeypatch.setenv(var, os.environ.get(var, "1"))
-    yield
-    torch.set_num_threads(1)
 
 
 def pcc(a, b) -> float:
@@ -145,6 +128,13 @@ def test_crops_are_seeded_and_augmentation_keeps_pairs_aligned(pairs):
     s1, t1 = fixed_crops(train, [4, 24, 24], 5, seed=0)
     s2, _ = fixed_crops(train, [4, 24, 24], 5, seed=0)
     assert s1.shape == (5, 1, 4, 24, 24) and torch.equal(s1, s2)
+
+
+def test_training_crop_fits_volumes_and_divisibility(pairs):
+    train, _ = pairs  # volumes (2, 8, 40, 40)
+    assert training_crop(model_settings({**TINY, "crop": [5, 30, 30]}), train) == [4, 28, 28]
+    assert training_crop(model_settings({**TINY, "crop": [16, 64, 64]}), train) == [8, 40, 40]
+    assert training_crop(model_settings({**TINY, "crop": [3, 24, 24]}), train) == [3, 24, 24]
 
 
 def test_identity_val_loss_is_the_real_loss(pairs):

@@ -104,7 +104,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -139,21 +141,47 @@ def campaign(tmp_path_factory):
 
 def test_dry_run_plans_the_whole_campaign_without_importing_torch(tmp_path):
     write_config(tmp_path, tiny_config())
-    cmd = [sys.executable, "-X", "importtime", "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n"]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(tmp_path / "config.yaml"),
+        "-n",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "snakemake" in imported
     for heavy in ("torch", "lightning", "waveorder", "iohub"):
         assert heavy not in imported, f"a dry run imported {heavy}"
     jobs = planned_jobs(tmp_path)
     cells = 2 * 2 * 1 * 2  # targets x models x train sets x predict sets
     assert jobs == {
-        "simulate": 2, "preprocess": 2, "reconstruct": 2, "segment_cells": 2,
-        "segment_gt": 4, "features_gt": 4, "train": 4, "predict": cells, "segment": cells,
-        "features": cells, "metrics": cells, "aggregate": 2, "report": 1, "all": 1,
+        "simulate": 2,
+        "preprocess": 2,
+        "reconstruct": 2,
+        "segment_cells": 2,
+        "segment_gt": 4,
+        "features_gt": 4,
+        "train": 4,
+        "predict": cells,
+        "segment": cells,
+        "features": cells,
+        "metrics": cells,
+        "aggregate": 2,
+        "report": 1,
+        "all": 1,
     }
 
 
@@ -189,16 +217,21 @@ def test_config_key_typo_fails_before_any_job_naming_the_key(tmp_path):
 
 
 def test_lint_is_clean():
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], capture_output=True,
-                          text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr or "lints" not in proc.stdout
 
 
 def test_snakefmt_is_clean():
     snakefmt = Path(sys.executable).parent / "snakefmt"
-    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "workflow/rules"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [str(snakefmt), "--check", "Snakefile", "workflow/rules"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -227,8 +260,14 @@ def test_param_change_reruns_only_that_model(campaign):
         jobs = planned_jobs(campaign)
         cells = 2 * 1 * 2  # targets x (the changed model) x predict sets
         assert jobs == {
-            "train": 2, "predict": cells, "segment": cells, "features": cells,
-            "metrics": cells, "aggregate": 2, "report": 1, "all": 1,
+            "train": 2,
+            "predict": cells,
+            "segment": cells,
+            "features": cells,
+            "metrics": cells,
+            "aggregate": 2,
+            "report": 1,
+            "all": 1,
         }
         snakemake(campaign, "--cores", "2")
         assert planned_jobs(campaign) == {}

@@ -38,6 +38,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# CSV contracts of the metrics rule: pixel.csv and mask.csv, one row per (FOV, t)
+PIXEL_COLUMNS = ["FOV", "Timepoint", "PCC", "SSIM", "NRMSE", "PSNR"]
+MASK_COLUMNS = [
+    "FOV",
+    "Timepoint",
+    *("Dice", "IoU", "Precision", "Recall", "Accuracy"),
+    *("TP", "FP", "FN", "TN"),
+]
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -164,15 +173,16 @@ def mask_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def standardize(
-    gt: np.ndarray, pred: np.ndarray, eps: float = 1e-12
+    gt: np.ndarray, pred: np.ndarray, eps: float = 1e-12, near_constant: float = 0.05
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scale both matrices by the GT's column mean/std; returns (gt_z, pred_z, kept columns).
 
     The GT statistics define the space so that every prediction of a benchmark
-    is measured in the same units. A column constant in the GT is scaled by the
-    pooled std of both sets instead (a prediction that varies where the GT
-    does not must still count); a column constant in both, or with any
-    non-finite value, is dropped.
+    is measured in the same units. Columns near-constant in the GT are pruned:
+    GT std below `near_constant` x the pooled (GT + prediction) std, or zero.
+    Such a column (e.g. the per-cell minimum of a p1-clipped image, ~always 0)
+    would turn any variation of the prediction into z-scores of hundreds and
+    one dimension would dominate a Fréchet distance. Non-finite columns are dropped.
     """
     gt = np.asarray(gt, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
@@ -185,10 +195,9 @@ def standardize(
     std = gt.std(axis=0)
     both = np.concatenate([gt, pred]) if pred.shape[0] else gt
     pooled = both.std(axis=0)
-    scale = np.where(std > eps, std, pooled)
-    keep = finite & (scale > eps)
+    keep = finite & (std > eps) & (std >= near_constant * pooled)
     idx = np.flatnonzero(keep)
-    return (gt[:, idx] - mean[idx]) / scale[idx], (pred[:, idx] - mean[idx]) / scale[idx], idx
+    return (gt[:, idx] - mean[idx]) / std[idx], (pred[:, idx] - mean[idx]) / std[idx], idx
 
 
 def fid(gt: np.ndarray, pred: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 import warnings
@@ -43,6 +44,7 @@ MODEL_DEFAULTS = {
     "loss": "mse",
 }
 MIN_LR_FRACTION = 0.05
+log = logging.getLogger(__name__)
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -70,6 +72,20 @@ def effective_crop(crop: Sequence[int], pairs: Sequence[Pair]) -> list[int]:
     """The crop, shrunk per axis to the smallest volume so every FOV can supply one."""
     smallest = np.min([p[0].shape[1:] for p in pairs], axis=0)
     return [int(min(c, s)) for c, s in zip(crop, smallest, strict=True)]
+
+
+def training_crop(settings: Mapping, pairs: Sequence[Pair]) -> list[int]:
+    """The crop actually trained on: fits every volume and is a multiple of the model's
+    divisibility, so training never pads (replicate-pad backward is not deterministic on CUDA).
+    """
+    crop = effective_crop(settings["crop"], pairs)
+    div = build_model(settings["arch"], model_config({**settings, "crop": crop})).divisibility
+    fitted = [c - c % d if c >= d else c for c, d in zip(crop, div, strict=True)]
+    if fitted != list(settings["crop"]):
+        log.warning(
+            "training crop %s instead of %s (volume size / divisibility)", fitted, settings["crop"]
+        )
+    return fitted
 
 
 def check_pairs(pairs: Sequence[Pair], what: str) -> None:
@@ -341,7 +357,7 @@ def train_model(
     check_pairs(val_pairs, "val")
     if settings["arch"] == "identity":
         raise InputError("the identity model has nothing to train: use evaluate_identity")
-    crop = effective_crop(settings["crop"], [*train_pairs, *val_pairs])
+    settings["crop"] = training_crop(settings, [*train_pairs, *val_pairs])
     bs = settings["batch_size"]
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model(settings["arch"], model_config(settings))
@@ -349,6 +365,7 @@ def train_model(
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
         start_epoch = int(resume["epoch"]) + 1
+    crop = settings["crop"]
     train_data = RandomCropDataset(train_pairs, crop, settings["steps_per_epoch"] * bs, seed)
     val_src, val_tgt = fixed_crops(val_pairs, crop, settings["val_steps"] * bs, seed)
     module = _make_module(model, settings, train_data, start_epoch, resume, on_epoch_end, extra)

@@ -15,7 +15,7 @@ rule predict:
         "benchmarks/predict/{target}/{train_set}/{model}/{predict_set}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=60,

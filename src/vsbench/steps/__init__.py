@@ -16,6 +16,8 @@ def setup(snakemake, name: str) -> logging.Logger:
     threads = max(1, int(getattr(snakemake, "threads", 1) or 1))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # spinning OpenMP threads stall badly when jobs share a few cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     log_files = list(getattr(snakemake, "log", []) or [])
     if log_files:
         path = str(log_files[0])

@@ -19,7 +19,13 @@ import pandas as pd  # noqa: E402
 
 from vsbench import io  # noqa: E402
 from vsbench.features import INTENSITY_FEATURES  # noqa: E402
-from vsbench.metrics import feature_metrics, mask_metrics, pixel_metrics  # noqa: E402
+from vsbench.metrics import (  # noqa: E402
+    MASK_COLUMNS,
+    PIXEL_COLUMNS,
+    feature_metrics,
+    mask_metrics,
+    pixel_metrics,
+)
 
 
 def prediction_channel(plate, path) -> str:
@@ -93,22 +99,8 @@ def main(sm) -> None:
         time.perf_counter() - start,
     )
 
-    pixel_cols = ["FOV", "Timepoint", "PCC", "SSIM", "NRMSE", "PSNR"]
-    mask_cols = [
-        "FOV",
-        "Timepoint",
-        "Dice",
-        "IoU",
-        "Precision",
-        "Recall",
-        "Accuracy",
-        "TP",
-        "FP",
-        "FN",
-        "TN",
-    ]
-    io.write_table(pd.DataFrame(pixel_rows, columns=pixel_cols), out.pixel)
-    io.write_table(pd.DataFrame(mask_rows, columns=mask_cols), out.mask)
+    io.write_table(pd.DataFrame(pixel_rows, columns=PIXEL_COLUMNS), out.pixel)
+    io.write_table(pd.DataFrame(mask_rows, columns=MASK_COLUMNS), out.mask)
     io.write_table(feats, out.feature)
     log.info("wrote %s, %s, %s", out.pixel, out.mask, out.feature)
 
