@@ -137,3 +137,32 @@ def test_step_rejects_bad_input_naming_fov(tmp_path, make_plate, repo_root, monk
     raw3 = make_plate(tmp_path / "raw3.zarr", {"A/1/0": good}, ["BF", "GFP"])
     with pytest.raises(io.InputError, match=r"missing channel\(s\) \['Nuc'\]"):
         _run(tmp_path, raw3)
+
+
+def test_step_runs_by_hand_outside_snakemake(tmp_path, make_plate, repo_root):
+    import subprocess
+    import sys
+
+    raw = make_plate(tmp_path / "raw.zarr", {"A/1/0": np.ones((1, 2, 4, 8, 8))}, ["BF", "Nuc"])
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"manifest": MANIFEST, "sample_stride": 4}))
+    out, log = tmp_path / "pre.zarr", tmp_path / "pre.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vsbench.steps",
+        "preprocess",
+        "--input",
+        f"raw={raw}",
+        "--output",
+        f"store={out}",
+        "--params",
+        str(params),
+        "--log",
+        str(log),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr + log.read_text()
+    assert "wrote" in log.read_text()
+    with io.open_plate(out) as plate:
+        assert plate.channel_names == ["BF", "Nuc"]

@@ -279,3 +279,20 @@ def test_snakemake_report(campaign):
     snakemake(campaign, "--report", "report.html")
     html = (campaign / "report.html").read_text(errors="ignore")
     assert "metrics" in html.lower()
+
+
+def test_slurm_profile_dry_run_without_slurm(tmp_path):
+    """The cluster profile plans on a machine without SLURM; GPU rules ask for a GPU."""
+    write_config(tmp_path, tiny_config())
+    out = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm")).stdout
+    assert "Job stats:" in out
+    blocks = out.split("\nrule ")[1:]
+    resources = {}
+    for block in blocks:
+        rule = block.split(":", 1)[0].strip()
+        line = next((x for x in block.splitlines() if x.strip().startswith("resources:")), "")
+        resources.setdefault(rule, line)
+    for rule in ("reconstruct", "train", "predict", "features", "features_gt"):
+        assert "gpu=1" in resources[rule] and "slurm_partition=gpu" in resources[rule], rule
+    for rule in ("simulate", "preprocess", "segment", "metrics", "aggregate", "report"):
+        assert "gpu=" not in resources[rule] and "slurm_partition=cpu" in resources[rule], rule

@@ -83,10 +83,6 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default), path)
-
-
 def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
