@@ -76,3 +76,13 @@ def test_bad_campaigns_fail_naming_the_key(repo_root, mutate, message):
 def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(InputError, match="nope.yaml"):
         vc.load_manifest("nope.yaml", tmp_path)
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("optics:\n  na_detection: 0.55\n  na_detection: 0.9\nchannels: {}\n")
+    with pytest.raises(InputError, match=r"m.yaml: duplicate key 'na_detection' \(line 3\)"):
+        vc.load_manifest("m.yaml", tmp_path)
+    path.write_text("a: [1, 2\n")
+    with pytest.raises(InputError, match="invalid YAML"):
+        vc.load_yaml(path)

@@ -56,3 +56,12 @@ def test_atomic_table_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.parquet"]
+
+
+def test_corrupt_chunk_fails_naming_the_fov(tmp_path, make_plate):
+    path = make_plate(tmp_path / "p.zarr", {"A/1/0": np.ones((1, 1, 4, 8, 8))}, ["BF"])
+    chunk = next(p for p in (path / "A/1/0/0").rglob("*") if p.is_file() and p.name == "0")
+    chunk.write_bytes(b"garbage")
+    with io.open_plate(path) as plate:
+        with pytest.raises(io.InputError, match=r"p.zarr FOV A/1/0: cannot read array data"):
+            io.read_channel(plate["A/1/0"], "BF", f"{path} FOV A/1/0")

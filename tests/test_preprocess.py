@@ -166,3 +166,22 @@ def test_step_runs_by_hand_outside_snakemake(tmp_path, make_plate, repo_root):
     assert "wrote" in log.read_text()
     with io.open_plate(out) as plate:
         assert plate.channel_names == ["BF", "Nuc"]
+
+
+def test_step_rejects_empty_plate_and_corrupt_chunk(tmp_path, make_plate, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    group = make_plate(tmp_path / "group.zarr", {}, ["BF", "Nuc"])  # iohub writes no plate yet
+    with pytest.raises(io.InputError, match="group.zarr: not an HCS plate"):
+        _run(tmp_path, group)
+    empty = make_plate(tmp_path / "empty.zarr", {"A/1/0": np.ones((1, 2, 4, 8, 8))}, ["BF", "Nuc"])
+    meta = json.loads((empty / "zarr.json").read_text())
+    meta["attributes"]["ome"]["plate"]["wells"] = []
+    (empty / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(io.InputError, match="empty.zarr: plate has no FOVs"):
+        _run(tmp_path, empty)
+    raw = make_plate(tmp_path / "raw.zarr", {"A/1/0": np.ones((1, 2, 4, 8, 8))}, ["BF", "Nuc"])
+    chunk = next(p for p in (raw / "A/1/0/0").rglob("*") if p.is_file() and p.name == "0")
+    chunk.write_bytes(b"garbage")
+    with pytest.raises(io.InputError, match="raw.zarr FOV A/1/0: cannot read array data"):
+        _run(tmp_path, raw)
+    assert not (tmp_path / "pre.zarr").exists() or not any((tmp_path / "pre.zarr").rglob("c"))

@@ -296,3 +296,12 @@ def test_slurm_profile_dry_run_without_slurm(tmp_path):
         assert "gpu=1" in resources[rule] and "slurm_partition=gpu" in resources[rule], rule
     for rule in ("simulate", "preprocess", "segment", "metrics", "aggregate", "report"):
         assert "gpu=" not in resources[rule] and "slurm_partition=cpu" in resources[rule], rule
+
+
+def test_duplicate_config_key_fails_instead_of_silently_merging(tmp_path):
+    write_config(tmp_path, tiny_config())
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text + "seed: 7\n")
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "duplicate key 'seed'" in proc.stdout + proc.stderr

@@ -20,17 +20,40 @@ from vsbench.io import InputError, check_name, split_fov
 SPLITS = ("train", "val", "test")
 
 
-def load_manifest(spec: str | Mapping, base_dir: str | Path = ".") -> dict:
-    """A dataset entry is a manifest path (YAML) or the manifest inline."""
+def load_yaml(path: str | Path) -> Any:
+    """YAML with duplicate mapping keys rejected (PyYAML silently keeps the last one)."""
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise InputError(
+                    f"{path}: duplicate key {key!r} (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    with open(path) as fh:
+        try:
+            return yaml.load(fh, Loader=StrictLoader)
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: invalid YAML ({exc})") from exc
+
+
+def load_manifest(spec: str | Mapping, base_dir: str | Path = ".") -> dict:
+    """A dataset entry is a manifest path (YAML) or the manifest inline."""
     if isinstance(spec, Mapping):
         return dict(spec)
     path = Path(base_dir) / spec
     if not path.exists():
         raise InputError(f"dataset manifest {spec!r} not found (looked at {path})")
-    with open(path) as fh:
-        manifest = yaml.safe_load(fh)
+    manifest = load_yaml(path)
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: a dataset manifest must be a mapping")
     return manifest

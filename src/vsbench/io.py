@@ -125,6 +125,8 @@ def open_plate(path: str | os.PathLike, mode: str = "r"):
     try:
         return open_ome_zarr(path, layout="hcs", mode=mode)
     except Exception as exc:  # iohub raises several types for a non-plate store
+        if mode == "r":
+            list_plate_fovs(path)  # names the precise problem: no metadata, no plate, no FOVs
         raise InputError(f"{path}: not a readable HCS OME-Zarr plate ({exc})") from exc
 
 
@@ -191,13 +193,20 @@ def write_fov(plate, fov: str, data: np.ndarray, scale_um: Sequence[float], chun
     return pos
 
 
+def read_array(arr, index, where: str) -> np.ndarray:
+    """Read `arr[index]`; a corrupt or missing chunk becomes an InputError naming `where`."""
+    try:
+        return np.asarray(arr[index])
+    except Exception as exc:  # zarr/numcodecs raise RuntimeError, ValueError, OSError...
+        raise InputError(f"{where}: cannot read array data ({type(exc).__name__}: {exc})") from exc
+
+
 def read_channel(pos, channel: str, where: str, t: int | None = None) -> np.ndarray:
     """Read one channel of a position as (T, Z, Y, X), or (Z, Y, X) for one timepoint."""
     c = channel_index(pos.channel_names, channel, where)
-    arr = pos["0"]
     if t is None:
-        return np.asarray(arr[:, c])
-    return np.asarray(arr[t, c])
+        return read_array(pos["0"], np.s_[:, c], where)
+    return read_array(pos["0"], np.s_[t, c], where)
 
 
 def channel_statistics(plate_or_pos, channel: str) -> dict:

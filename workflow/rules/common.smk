@@ -8,6 +8,8 @@ from snakemake.utils import validate
 from vsbench import config as vconfig
 from vsbench.io import list_plate_fovs
 
+for _configfile in workflow.configfiles:
+    vconfig.load_yaml(_configfile)  # Snakemake's loader would keep the last duplicate key
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 MANIFESTS = {}

@@ -52,7 +52,10 @@ with io.open_plate(raw_path) as raw:
             src = raw[fov]
             idx = [src.channel_names.index(c) for c in channels]
             T, _, Z, Y, X = src["0"].shape
-            data = np.stack([np.asarray(src["0"][:, i]) for i in idx], axis=1).astype(np.float32)
+            data = np.stack(
+                [io.read_array(src["0"], np.s_[:, i], f"{raw_path} FOV {fov}") for i in idx],
+                axis=1,
+            ).astype(np.float32)
             for c, name in enumerate(channels):
                 check_values(data[:, c], f"{raw_path} FOV {fov} channel {name}")
             chunks = (1, 1, Z, min(Y, 512), min(X, 512))
