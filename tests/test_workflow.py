@@ -305,3 +305,80 @@ def test_duplicate_config_key_fails_instead_of_silently_merging(tmp_path):
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0
     assert "duplicate key 'seed'" in proc.stdout + proc.stderr
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--allow-file-access-from-files",
+]
+HARNESS = """<html><body><pre id="result">pending</pre>
+<iframe id="f" src="index.html" width="1280" height="900"></iframe>
+<script>
+document.getElementById("f").onload = function () {
+  var d = this.contentDocument;
+  var imgs = Array.from(d.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                .map(function (i) { return i.getAttribute("src"); });
+  document.getElementById("result").textContent = JSON.stringify(
+    {images: imgs.length, broken: bad, tables: d.querySelectorAll("table").length});
+};
+</script></body></html>"""
+
+
+def test_report_renders_in_headless_chromium(campaign, tmp_path):
+    """Every image of report/index.html loads in a real browser; every link exists."""
+    import json
+    import shutil
+    from html.parser import HTMLParser
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (.ci/run installs Debian's chromium as root)")
+    report = campaign / "report"
+
+    class Links(HTMLParser):
+        refs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.refs += [v for k, v in attrs if k in ("href", "src") and v]
+
+    parser = Links()
+    parser.feed((report / "index.html").read_text())
+    files = [r for r in parser.refs if not r.startswith(("#", "http:", "https:"))]
+    assert files and all((report / r).is_file() for r in files), files
+
+    harness = report / "_harness.html"
+    harness.write_text(HARNESS)
+    try:
+        flags = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = subprocess.run(
+            [*flags, "--virtual-time-budget=15000", "--dump-dom", harness.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    finally:
+        harness.unlink()
+    found = re.search(r'<pre id="result">(.*?)</pre>', dom, flags=re.S)
+    assert found, dom[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert result["broken"] == [] and result["images"] >= 4 and result["tables"] >= 2, result
+    shot = campaign / "report_screenshot.png"
+    subprocess.run(
+        [
+            *flags,
+            "--window-size=1280,2400",
+            f"--screenshot={shot}",
+            (report / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -27,6 +27,8 @@ import torch
 
 from vsbench.io import InputError
 from vsbench.models import ARCHS, build_model, model_config
+from vsbench.models.losses import LOSSES
+from vsbench.models.losses import loss_function as _loss_function
 
 CHECKPOINT_FORMAT = "vsbench-model/1"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "wall_s")
@@ -54,8 +56,8 @@ def model_settings(params: Mapping) -> dict:
     s = {**MODEL_DEFAULTS, **dict(params)}
     if s.get("arch") not in ARCHS:
         raise InputError(f"model arch {s.get('arch')!r} is unknown (expected one of {list(ARCHS)})")
-    if s["loss"] not in ("mse", "l1"):
-        raise InputError(f"model loss {s['loss']!r} is unknown (expected mse or l1)")
+    if s["loss"] not in LOSSES:
+        raise InputError(f"model loss {s['loss']!r} is unknown (expected one of {list(LOSSES)})")
     crop = [int(c) for c in s["crop"]]
     if len(crop) != 3 or min(crop) < 1:
         raise InputError(f"model crop {s['crop']!r}: expected three positive sizes [z, y, x]")
@@ -154,7 +156,8 @@ def fixed_crops(
 
 
 def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return torch.nn.functional.mse_loss if name == "mse" else torch.nn.functional.l1_loss
+    """The training loss by name (see vsbench.models.losses)."""
+    return _loss_function(name)
 
 
 def learning_rate(settings: Mapping, epoch: int) -> float:

@@ -1,10 +1,4 @@
-"""Model registry: the identity baseline and an FNet3D-style 3D UNet.
-
-Every model maps (B, 1, Z, Y, X) → (B, C_out, Z, Y, X) for any input size: the
-UNet pads to its divisibility with edge replication and crops back, so the
-trainer and the sliding-window predictor never need to know its internals.
-`divisibility` (z, y, x) is exposed so callers can avoid that padding.
-"""
+"""FNet3D-style 3D UNet (the issue's `fnet3d`), registered as `unet3d`."""
 
 from __future__ import annotations
 
@@ -14,19 +8,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vsbench.io import InputError
-
-ARCHS = ("identity", "unet3d")
+from vsbench.models._registry import register
 
 
-class IdentityModel(nn.Module):
-    """The baseline: the normalized input phase *is* the prediction (nothing to learn)."""
+def z_levels_for(crop_z: int, depth: int, min_z: int = 2) -> int:
+    """How many levels may halve Z so the coarsest level keeps >= `min_z` slices."""
+    levels = 0
+    while levels < depth and crop_z // 2 ** (levels + 1) >= min_z:
+        levels += 1
+    return levels
 
-    divisibility = (1, 1, 1)
-    out_channels = 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+def unet3d_config(settings: Mapping) -> dict:
+    depth = int(settings["depth"])
+    return {
+        "in_channels": 1,
+        "out_channels": 1,
+        "base_channels": int(settings["base_channels"]),
+        "depth": depth,
+        "z_levels": z_levels_for(int(settings["crop"][0]), depth),
+        "inplane_levels": 1,
+    }
 
 
 def _double_conv(c_in: int, c_out: int, kernels: tuple[int, int]) -> nn.Sequential:
@@ -43,6 +45,7 @@ def _double_conv(c_in: int, c_out: int, kernels: tuple[int, int]) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
+@register("unet3d", config=unet3d_config)
 class UNet3D(nn.Module):
     """FNet3D-style UNet (Ounkomol et al. 2018): two conv+BN+ReLU per level,
     channels doubling in the first conv of each deeper level, strided-conv
@@ -125,42 +128,3 @@ class UNet3D(nn.Module):
             x = self.decoders[level](torch.cat([skips[level], x], dim=1))
         x = self.head(x)
         return x[..., : size[0], : size[1], : size[2]]
-
-
-def z_levels_for(crop_z: int, depth: int, min_z: int = 2) -> int:
-    """How many levels may halve Z so the coarsest level keeps >= `min_z` slices."""
-    levels = 0
-    while levels < depth and crop_z // 2 ** (levels + 1) >= min_z:
-        levels += 1
-    return levels
-
-
-def model_config(settings: Mapping) -> dict:
-    """Constructor arguments of the model described by train settings (stored in checkpoints)."""
-    arch = settings["arch"]
-    if arch == "identity":
-        return {}
-    if arch == "unet3d":
-        depth = int(settings["depth"])
-        return {
-            "in_channels": 1,
-            "out_channels": 1,
-            "base_channels": int(settings["base_channels"]),
-            "depth": depth,
-            "z_levels": z_levels_for(int(settings["crop"][0]), depth),
-            "inplane_levels": 1,
-        }
-    raise InputError(f"unknown model arch {arch!r} (expected one of {list(ARCHS)})")
-
-
-def build_model(arch: str, config: Mapping) -> nn.Module:
-    if arch == "identity":
-        if config:
-            raise InputError(f"identity model takes no configuration, got {dict(config)}")
-        return IdentityModel()
-    if arch == "unet3d":
-        try:
-            return UNet3D(**config)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"bad unet3d model_config {dict(config)}: {exc}") from exc
-    raise InputError(f"unknown model arch {arch!r} (expected one of {list(ARCHS)})")
