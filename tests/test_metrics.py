@@ -193,14 +193,7 @@ def test_feature_metrics_pairs_groups_and_dataset_fid():
     shuffled = pred.sample(frac=1.0, random_state=0)  # pairing is by key, not by row order
     groups = [("A/1/0", 0), ("A/1/0", 1), ("A/1/1", 0), ("A/1/1", 1), ("A/1/2", 0)]
     out = M.feature_metrics(gt, shuffled, cols, groups=groups)
-    assert list(out.columns) == [
-        "fov",
-        "t",
-        "n_cells",
-        "CP_FID",
-        "CP_Median_Cosine_Similarity",
-        "Dataset_CP_FID",
-    ]
+    assert list(out.columns) == ["fov", "t", *M.FEATURE_GROUP_COLUMNS, *M.FEATURE_DATASET_COLUMNS]
     assert out["n_cells"].tolist() == [12, 12, 12, 12, 0]
     assert out["CP_Median_Cosine_Similarity"].iloc[:4].gt(0.9).all()
     assert out["CP_FID"].iloc[:4].between(0, 5).all()
@@ -229,6 +222,290 @@ def test_feature_metrics_without_cells():
     )
 
 
+# --------------------------------------------------------------------------- instances
+
+
+def two_objects():
+    gt = np.zeros((2, 10, 10), np.int32)
+    gt[:, :4, :4] = 7  # 32 voxels, labels need not be consecutive
+    gt[:, 6:, 6:] = 3  # 32 voxels
+    pred = np.zeros_like(gt)
+    pred[:, :4, :4] = 1  # exact copy of object 7
+    pred[:, 6:, 7:] = 2  # object 3 shifted by one column: IoU 24 / 32 = 0.75
+    return gt, pred
+
+
+def test_instance_iou_matches_skimage_contingency_table():
+    from skimage.metrics import contingency_table
+
+    gt, pred = two_objects()
+    pred[0, 0, 9] = 5  # a one-voxel false positive
+    iou = M.instance_iou(gt, pred)
+    table = contingency_table(gt, pred).toarray()
+    inter = table[np.ix_([3, 7], [1, 2, 5])]
+    sizes_g = np.array([(gt == 3).sum(), (gt == 7).sum()])
+    sizes_p = np.array([(pred == k).sum() for k in (1, 2, 5)])
+    np.testing.assert_allclose(iou, inter / (sizes_g[:, None] + sizes_p[None] - inter))
+    assert iou[0, 1] == pytest.approx(0.75) and iou[1, 0] == 1.0
+
+
+def test_instance_metrics_shifted_object():
+    gt, pred = two_objects()
+    m = M.instance_metrics(gt, pred)
+    assert list(m) == M.INSTANCE_COLUMNS
+    assert (m["n_gt"], m["n_pred"]) == (2, 2)
+    for th in M.AP_THRESHOLDS:  # IoU 1.0 and 0.75: both match up to 0.75, one above
+        assert m[f"AP_{th:.2f}"] == pytest.approx(1.0 if th <= 0.75 else 1 / 3)
+    assert m["mAP"] == pytest.approx((6 + 4 / 3) / 10)
+    assert m["SQ"] == pytest.approx(0.875) and m["RQ"] == 1.0 and m["PQ"] == pytest.approx(0.875)
+
+
+def test_instance_metrics_false_positive_miss_and_split():
+    gt, pred = two_objects()
+    pred[pred == 2] = 0  # object 3 missed
+    pred[:, 8:, :2] = 4  # a false positive
+    pred[:, 5, 5] = 6  # and another
+    m = M.instance_metrics(gt, pred)
+    assert (m["n_gt"], m["n_pred"]) == (2, 3)
+    assert m["AP_0.50"] == pytest.approx(1 / 4)  # TP 1, FP 2, FN 1
+    assert m["RQ"] == pytest.approx(1 / (1 + 1 + 0.5)) and m["SQ"] == 1.0
+    assert m["PQ"] == pytest.approx(m["SQ"] * m["RQ"])
+    # one GT object split in two halves: IoU 0.5 each, only one may match
+    gt1 = np.zeros((1, 4, 8), np.int32)
+    gt1[0, :, :] = 1
+    halves = np.zeros_like(gt1)
+    halves[0, :, :4] = 1
+    halves[0, :, 4:] = 2
+    s = M.instance_metrics(gt1, halves)
+    assert s["AP_0.50"] == pytest.approx(0.5) and s["AP_0.55"] == 0.0
+    assert s["PQ"] == pytest.approx(0.5 * (1 / 1.5))
+
+
+def test_instance_metrics_single_object_path_agrees_with_assignment():
+    gt, pred = two_objects()
+    binary_gt, binary_pred = (gt > 0).astype(np.int32), (pred == 2).astype(np.int32)
+    iou = M.instance_iou(binary_gt, binary_pred)
+    assert iou.shape == (1, 1)
+    assert iou[0, 0] == pytest.approx(M.mask_metrics(binary_gt, binary_pred)["IoU"])
+    for th in (0.3, 0.375, 0.5):  # IoU 24 / 64 = 0.375
+        assert len(M.match_instances(iou, th)[0]) == int(th <= 0.375)
+    two = M.instance_iou(gt, pred == 2)  # two GT objects vs one prediction: (2, 1)
+    gi, pi = M.match_instances(two, 0.5)
+    assert gi.tolist() == [0] and pi.tolist() == [0]  # object 3 (sorted first), IoU 0.75
+
+
+def test_instance_metrics_match_cubic_average_precision():
+    """Parity with cubic.metrics.average_precision (the cellpose/stardist matching)."""
+    from cubic.metrics.average_precision import average_precision
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    rng = np.random.default_rng(13)
+    blobs = ndi.gaussian_filter(rng.random((6, 64, 64)), (1, 3, 3))
+    gt = label(blobs > np.percentile(blobs, 75))
+    moved = np.roll(ndi.gaussian_filter(blobs + 0.02 * rng.random(blobs.shape), 1), 1, axis=2)
+    pred = label(moved > np.percentile(moved, 78))
+    assert gt.max() > 5 and pred.max() > 5
+    ours = M.instance_metrics(gt, pred)
+    ap, tp, fp, fn, iou = average_precision(gt, pred, list(M.AP_THRESHOLDS), return_iou=True)
+    np.testing.assert_allclose(M.instance_iou(gt, pred), iou, atol=1e-12)
+    np.testing.assert_allclose([ours[f"AP_{th:.2f}"] for th in M.AP_THRESHOLDS], ap, atol=1e-12)
+    assert (ours["n_gt"], ours["n_pred"]) == (gt.max(), pred.max())
+    assert 0 < ours["mAP"] < 1 and ours["mAP"] == pytest.approx(ap.mean())
+    # PQ from cubic's IoU 0.5 matches: RQ = TP / (TP + FP/2 + FN/2)
+    assert ours["RQ"] == pytest.approx(tp[0] / (tp[0] + fp[0] / 2 + fn[0] / 2))
+
+
+def test_instance_metrics_empty_sides():
+    gt, pred = two_objects()
+    empty = np.zeros_like(gt)
+    for a, b in ((gt, empty), (empty, pred)):
+        m = M.instance_metrics(a, b)
+        assert m["mAP"] == 0.0 and m["PQ"] == 0.0 and m["RQ"] == 0.0 and math.isnan(m["SQ"])
+        assert all(m[f"AP_{th:.2f}"] == 0.0 for th in M.AP_THRESHOLDS)
+    both = M.instance_metrics(empty, empty)
+    assert (both["n_gt"], both["n_pred"]) == (0, 0)
+    assert all(math.isnan(both[k]) for k in M.INSTANCE_COLUMNS[2:])
+    full = np.ones((2, 3, 3), np.int32)  # no background at all: one object each
+    assert M.instance_metrics(full, full)["mAP"] == 1.0
+
+
+# --------------------------------------------------------------------------- KID, PRC, MIND
+
+
+def test_kid_matches_torch_fidelity_and_unbiased_mmd():
+    import torch
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(80, 5))
+    b = rng.normal(size=(60, 5)) * 1.3 + 0.4
+    mean, std = M.kid(a, b, subsets=20, seed=3, max_subset=40)
+    ref = kid_features_to_metric(
+        torch.from_numpy(a),
+        torch.from_numpy(b),
+        kid_subsets=20,
+        kid_subset_size=40,
+        rng_seed=3,
+        verbose=False,
+    )
+    assert mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-12)
+    assert std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-12)
+    # n <= 1000: each subset is all rows, KID = the full-sample unbiased MMD² (poly kernel)
+    x, y = a[:50], b[:50]
+    mean, std = M.kid(x, y, subsets=5, seed=0)
+
+    def k(u, v):
+        return (u @ v.T / u.shape[1] + 1) ** 3
+
+    m = len(x)
+    kxx, kyy = k(x, x), k(y, y)
+    mmd = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    mmd -= 2 * k(x, y).mean()
+    assert mean == pytest.approx(mmd, rel=1e-10) and std < 1e-12
+    # two halves of one distribution vs two distributions
+    assert abs(M.kid(a[:40], a[40:], subsets=5)[0]) < 0.2 * M.kid(a[:40], b[:40], subsets=5)[0]
+    assert all(math.isnan(v) for v in M.kid(a[:1], b))
+
+
+def test_precision_recall_matches_torch_fidelity():
+    import torch
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    rng = np.random.default_rng(7)
+    gt = rng.normal(size=(70, 4))
+    pred = rng.normal(size=(70, 4)) * 0.5 + 0.8
+    out = M.precision_recall(gt, pred, k=5)
+    ref = prc_features_to_metric(
+        torch.from_numpy(pred), torch.from_numpy(gt), prc_neighborhood=5, verbose=False
+    )
+    assert out["Precision"] == pytest.approx(ref["precision"], abs=1e-12)
+    assert out["Recall"] == pytest.approx(ref["recall"], abs=1e-12)
+    assert out["F1"] == pytest.approx(ref["f_score"], abs=1e-12)
+    assert out["Recall"] < out["Precision"]  # a narrower prediction covers less of the GT
+    same = M.precision_recall(gt, gt)
+    assert same == {"Precision": 1.0, "Recall": 1.0, "F1": pytest.approx(1.0)}
+    far = M.precision_recall(gt, gt + 100.0)
+    assert far["Precision"] == 0.0 and far["Recall"] == 0.0
+    assert all(math.isnan(v) for v in M.precision_recall(gt[:5], pred).values())  # < k + 1
+
+
+def test_mind_sliced_wasserstein():
+    from scipy.stats import wasserstein_distance
+
+    rng = np.random.default_rng(8)
+    u, v = rng.normal(size=23), rng.gamma(2.0, size=41)
+    assert M.wasserstein_1d(u, v) == pytest.approx(wasserstein_distance(u, v), rel=1e-12)
+    a = rng.normal(size=(40, 6))
+    assert M.mind(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert M.mind(a, a[::-1]) == pytest.approx(0.0, abs=1e-12)  # a set, not pairs
+    x = rng.normal(size=(30, 1))
+    assert M.mind(x, x + 2.5) == pytest.approx(2.5)  # 1-D: a shift by c costs c
+    y = rng.exponential(size=(17, 1))
+    assert M.mind(x, y) == pytest.approx(wasserstein_distance(x[:, 0], y[:, 0]))
+    # equal sizes (sorted gaps) and unequal sizes (scipy) are the same definition
+    b = rng.normal(size=(40, 6)) + 0.5
+    assert M.mind(a, b) == pytest.approx(M.mind(a, np.concatenate([b, b])), rel=1e-10)
+    assert M.mind(a, b, seed=1) != M.mind(a, b, seed=2) and M.mind(a, b) == M.mind(a, b)
+    assert math.isnan(M.mind(a[:1], b))
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def probe_data(rng, n_fov=6, n=20, d=4, shift=0.0):
+    gt = rng.normal(size=(n_fov * n, d))
+    pred = gt + 0.3 * rng.normal(size=gt.shape)
+    pred[:, 0] += shift
+    fovs = np.repeat([f"A/1/{k}" for k in range(n_fov)], n)
+    return gt, pred, fovs
+
+
+def test_probe_pieces_match_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(90, 5))
+    y = (x[:, 0] + 0.8 * rng.normal(size=90) > 0).astype(float)
+    w, b = M.logistic_fit(x, y)
+    ref = LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(x, y)
+    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-6)
+    assert b == pytest.approx(ref.intercept_[0], abs=1e-6)
+    score = np.round(x @ w + b, 1)  # rounded: ties
+    assert M.auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert math.isnan(M.auroc(np.ones(4), np.arange(4.0)))
+    groups = np.repeat(["a", "b", "c", "d", "e"], [30, 20, 20, 10, 10])
+    ours = sorted(tuple(test) for _, test in M.group_folds(groups, 3))
+    theirs = sorted(tuple(test) for _, test in GroupKFold(3).split(x, y, groups))
+    assert ours == theirs
+
+
+def test_probe_fold_auroc_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    gt, pred, fovs = probe_data(np.random.default_rng(9), shift=0.4)
+    out = M.real_vs_pred_probe(gt, pred, fovs, fovs, n_splits=3)
+    assert len(out["folds"]) == 3
+    x = np.concatenate([gt, pred])
+    y = np.r_[np.zeros(len(gt)), np.ones(len(pred))]
+    groups = np.r_[fovs, fovs]
+    for k, (train, test) in enumerate(M.group_folds(groups, 3)):
+        assert set(groups[train]).isdisjoint(groups[test])
+        med = np.median(x[train], axis=0)
+        mad = np.median(np.abs(x[train] - med), axis=0)
+        model = LogisticRegression(tol=1e-12, max_iter=10_000).fit((x[train] - med) / mad, y[train])
+        ref = roc_auc_score(y[test], model.predict_proba((x[test] - med) / mad)[:, 1])
+        assert out["folds"][k] == pytest.approx(ref, abs=1e-9)
+    assert out["AUROC"] == pytest.approx(np.mean(out["folds"]))
+    assert out["AUROC_std"] == pytest.approx(np.std(out["folds"]))
+    assert out["Indistinguishability"] == pytest.approx(1 - 2 * abs(out["AUROC"] - 0.5))
+
+
+def test_probe_identical_separable_and_too_few_fovs():
+    gt, pred, fovs = probe_data(np.random.default_rng(10))
+    same = M.real_vs_pred_probe(gt, gt, fovs, fovs)
+    assert same["AUROC"] == pytest.approx(0.5) and same["Indistinguishability"] == pytest.approx(1)
+    sep = M.real_vs_pred_probe(gt, pred + np.r_[8.0, 0, 0, 0], fovs, fovs)
+    assert sep["AUROC"] > 0.99 and sep["Indistinguishability"] < 0.02
+    one = M.real_vs_pred_probe(gt, pred, ["A/1/0"] * len(gt), ["A/1/0"] * len(gt))
+    assert math.isnan(one["AUROC"]) and one["folds"] == []
+
+
+def test_probe_leakage_fov_identity_does_not_inflate_auroc():
+    """Each FOV has its own GT→prediction offset and a column naming the FOV.
+
+    A cell-level split would learn every FOV's offset and score near 1; split
+    by FOV the offset of a held-out FOV is unseen and the probe stays at chance.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(11)
+    n_fov, n, d = 20, 15, 30
+    fov_id = np.repeat(np.arange(n_fov), n)
+    offsets = rng.normal(scale=2.0, size=(n_fov, d))
+    gt = 0.3 * rng.normal(size=(n_fov * n, d))
+    pred = gt + offsets[fov_id]
+    gt = np.column_stack([gt, fov_id])  # the FOV-identifying feature
+    pred = np.column_stack([pred, fov_id])
+    fovs = [f"B/2/{k}" for k in fov_id]
+    out = M.real_vs_pred_probe(gt, pred, fovs, fovs)
+    x = np.concatenate([gt, pred])
+    y = np.r_[np.zeros(len(gt)), np.ones(len(pred))]
+    leaky = []
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+        model = LogisticRegression(max_iter=1000).fit(x[train], y[train])
+        leaky.append(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
+    assert np.mean(leaky) > 0.95  # the data do leak under a cell-level split
+    # by FOV the held-out offsets are unseen: chance level (each fold is a coin flip per
+    # FOV, so the mean scatters around 0.5 by ~0.1 with the seed)
+    assert out["AUROC"] < 0.75 and np.mean(leaky) - out["AUROC"] > 0.3
+
+
 # --------------------------------------------------------------------------- step script
 
 
@@ -241,7 +518,7 @@ def write_int_plate(path, fovs, channel):
     return path
 
 
-def run_step(repo_root, tmp_path, inputs, fovs, channel="ER"):
+def run_step(repo_root, tmp_path, inputs, fovs, channel="ER", **params):
     out = types.SimpleNamespace(
         pixel=str(tmp_path / "pixel.csv"),
         mask=str(tmp_path / "mask.csv"),
@@ -251,7 +528,7 @@ def run_step(repo_root, tmp_path, inputs, fovs, channel="ER"):
         input=types.SimpleNamespace(**{k: str(v) for k, v in inputs.items()}),
         output=out,
         params=types.SimpleNamespace(
-            channel=channel, fovs=fovs, settings={"kid_subsets": 50}, seed=0
+            channel=channel, fovs=fovs, settings={"kid_subsets": 50}, seed=0, **params
         ),
         log=[],
         threads=1,
@@ -307,6 +584,7 @@ def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
     paths, names, gt, pred, gtm, pm = benchmark_cell
     pixel, mask, feature = run_step(repo_root, tmp_path, paths, names)
     assert list(pixel.columns) == ["FOV", "Timepoint", "PCC", "SSIM", "NRMSE", "PSNR"]
+    # binary 0/1 masks: no instance columns
     assert list(mask.columns) == [
         "FOV",
         "Timepoint",
@@ -323,10 +601,10 @@ def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
     assert list(feature.columns) == [
         "FOV",
         "Timepoint",
-        "n_cells",
-        "CP_FID",
-        "CP_Median_Cosine_Similarity",
-        "Dataset_CP_FID",
+        *("n_cells", "CP_FID", "CP_KID", "CP_KID_std", "CP_Median_Cosine_Similarity"),
+        *("Dataset_CP_FID", "Dataset_CP_KID", "Dataset_CP_KID_std", "Dataset_CP_Precision"),
+        *("Dataset_CP_Recall", "Dataset_CP_F1", "Dataset_CP_MIND", "Dataset_CP_RealVsPred_AUROC"),
+        *("Dataset_CP_RealVsPred_AUROC_std", "Dataset_CP_Indistinguishability"),
     ]
     expected = [(f, t) for f in names for t in range(2)]
     for table in (pixel, mask, feature):
@@ -412,3 +690,32 @@ def test_step_blank_prediction_does_not_crash(tmp_path, repo_root, benchmark_cel
     assert pixel["PCC"].isna().all() and pixel["SSIM"].notna().all()
     assert (mask["TP"] == 0).all() and mask["Precision"].isna().all()
     assert np.isfinite(feature["Dataset_CP_FID"]).all() and (feature["Dataset_CP_FID"] > 0).all()
+
+
+def test_step_instance_targets_get_instance_columns(tmp_path, repo_root, benchmark_cell):
+    """Label masks (labels > 1) add n_gt ... RQ to mask.csv; a binary method never does."""
+    paths, names, *_ = benchmark_cell
+    gtm, pm = {}, {}
+    for k, fov in enumerate(names):
+        lab = np.zeros((2, 12, 24, 24), np.int32)
+        for c in range(4):
+            lab[:, 3 * c : 3 * c + 2, 2:20, 5 * c : 5 * c + 4] = c + 1
+        gtm[fov] = lab
+        pm[fov] = np.roll(lab * (lab != 4), k, axis=3)  # FOV 2: shifted; object 4 missed
+    paths = {
+        **paths,
+        "gt_masks": write_int_plate(tmp_path / "gt_labels.zarr", gtm, "mask"),
+        "masks": write_int_plate(tmp_path / "labels.zarr", pm, "mask"),
+    }
+    _, mask, feature = run_step(repo_root, tmp_path, paths, names)
+    assert list(mask.columns) == M.MASK_COLUMNS + M.INSTANCE_COLUMNS
+    for i, (fov, t) in enumerate((f, t) for f in names for t in range(2)):
+        ref = M.instance_metrics(gtm[fov][t], pm[fov][t])
+        for col in M.INSTANCE_COLUMNS:
+            assert mask.iloc[i][col] == pytest.approx(ref[col], nan_ok=True)
+    assert mask["n_gt"].eq(4).all() and mask["n_pred"].eq(3).all()
+    assert mask["AP_0.50"].iloc[0] == pytest.approx(3 / 4)  # 3 exact matches, 1 miss
+    assert mask["SQ"].iloc[0] == 1.0 and mask["SQ"].iloc[2] < 1.0
+    assert feature["Dataset_CP_RealVsPred_AUROC"].notna().all()  # two FOVs: the probe runs
+    _, binary, _ = run_step(repo_root, tmp_path, paths, names, segmentation_method="ridge")
+    assert list(binary.columns) == M.MASK_COLUMNS

@@ -28,6 +28,9 @@ rule metrics:
         channel=lambda wc: target_channel(predict_dataset(wc.predict_set), wc.target),
         fovs=lambda wc: predict_fovs(wc.predict_set),
         settings=config["metrics"],
+        segmentation_method=lambda wc: config["targets"][wc.target]["segmentation"][
+            "method"
+        ],
         seed=config["seed"],
     script:
         f"{STEPS}/metrics.py"
