@@ -8,8 +8,9 @@ from snakemake.utils import validate
 from vsbench import config as vconfig
 from vsbench.io import list_plate_fovs
 
+# Snakemake's YAML loader keeps the last of two duplicate keys: reject them instead
 for _configfile in workflow.configfiles:
-    vconfig.load_yaml(_configfile)  # Snakemake's loader would keep the last duplicate key
+    vconfig.load_yaml(_configfile)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 MANIFESTS = {}
