@@ -1,5 +1,9 @@
 """Reconstruct: per-FOV illumination-tilt estimate, then 3D phase (Phase3D) with waveorder.
 
+Submodules: :mod:`vsbench.reconstruct.optics` (``TiltOptics``, thin-3D transfer functions with
+the angle-free tensors cached) and :mod:`vsbench.reconstruct.inverse` (closed-form Tikhonov
+inverse, and the conjugation convention); both are re-exported here.
+
 Convention. Tilt angles are waveorder's own: ``tilt_angle_zenith`` (polar angle of the
 illumination axis from +z, radians) and ``tilt_angle_azimuth`` (direction of the tilt in
 the xy-plane, radians, reported in [0, 2π)), as taken by
@@ -48,6 +52,14 @@ from typing import Any
 import numpy as np
 
 from vsbench.io import InputError
+
+# re-exported: the thin-3D optics and closed-form inverse (issue 3)
+from vsbench.reconstruct.inverse import CONVENTIONS as CONVENTIONS
+from vsbench.reconstruct.inverse import apply_filter as apply_filter
+from vsbench.reconstruct.inverse import normalize_intensity as normalize_intensity
+from vsbench.reconstruct.inverse import reconstruct_thin as reconstruct_thin
+from vsbench.reconstruct.inverse import tikhonov_filter as tikhonov_filter
+from vsbench.reconstruct.optics import TiltOptics as TiltOptics
 
 SEARCH_STEEPNESS = 100.0
 FINAL_STEEPNESS = 1e4
