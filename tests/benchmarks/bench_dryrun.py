@@ -20,14 +20,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-OPTICS = {
-    "wavelength_um": 0.45,
-    "na_detection": 0.55,
-    "na_illumination": 0.4,
-    "index_media": 1.0,
-    "pixel_size_um": {"z": 2.0, "y": 0.325, "x": 0.325},
-}
-CHANNELS = {"Nucleus": "nucleus", "ER": "er", "Mito": "mito", "Membrane": "membrane"}
+# the demo's optics and channels: tests and benchmarks use the shipped manifest
+DEMO = yaml.safe_load((REPO / "resources/datasets/ipsc_demo.yaml").read_text())
+OPTICS, CHANNELS = DEMO["optics"], DEMO["channels"]
 
 
 def campaign(n_fovs: int) -> dict:
