@@ -1,6 +1,7 @@
 # Configuration: schema validation, manifests, cross-reference checks, and the
 # small lookups every rule uses. Nothing here imports torch, iohub or waveorder.
 
+import functools
 import os
 
 from snakemake.utils import validate
@@ -51,15 +52,28 @@ wildcard_constraints:
 
 def dataset_fovs(dataset):
     """FOV names, known at DAG time: from the simulate block, or the plate's metadata."""
-    m = MANIFESTS[dataset]
-    if "simulate" in m:
-        return vconfig.simulated_fov_names(m["simulate"])
-    return list_plate_fovs(m["path"])
+    return list(_dataset_fovs(dataset))
 
 
 def split_of(dataset, split):
+    return list(_split_of(dataset, split))
+
+
+# Every job's params ask for these: read plate metadata and resolve splits once per DAG.
+@functools.cache
+def _dataset_fovs(dataset):
     m = MANIFESTS[dataset]
-    return vconfig.split_fovs(dataset_fovs(dataset), m["splits"], split, dataset)
+    if "simulate" in m:
+        return tuple(vconfig.simulated_fov_names(m["simulate"]))
+    return tuple(list_plate_fovs(m["path"]))
+
+
+@functools.cache
+def _split_of(dataset, split):
+    m = MANIFESTS[dataset]
+    return tuple(
+        vconfig.split_fovs(_dataset_fovs(dataset), m["splits"], split, dataset)
+    )
 
 
 def raw_store(wildcards):
