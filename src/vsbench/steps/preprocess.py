@@ -1,6 +1,5 @@
 """preprocess: validate the raw plate, rechunk, write normalization statistics."""
 
-import dask.array as da
 import numpy as np
 
 from vsbench import io
@@ -60,12 +59,11 @@ with io.open_plate(raw_path) as raw:
                 check_values(data[:, c], f"{raw_path} FOV {fov} channel {name}")
             chunks = (1, 1, Z, min(Y, 512), min(X, 512))
             pos = io.write_fov(out, fov, data, expected_scale, chunks=chunks)
-            lazy = da.from_array(pos["0"], chunks=chunks)
             norm = {}
-            for c, name in enumerate(channels):
-                fov_stats, t_stats = fov_statistics(lazy[:, c], stride)
+            for c, name in enumerate(channels):  # statistics from the FOV still in memory
+                fov_stats, t_stats = fov_statistics(data[:, c], stride)
                 norm[name] = {"fov_statistics": fov_stats, "timepoint_statistics": t_stats}
-                samples[name].append(strided_sample(lazy[:, c], stride).reshape(-1))
+                samples[name].append(strided_sample(data[:, c], stride).ravel())
             attrs = {"normalization": norm}
             if "simulation" in src.zattrs:
                 attrs["simulation"] = dict(src.zattrs["simulation"])
@@ -73,7 +71,7 @@ with io.open_plate(raw_path) as raw:
             log.info("FOV %s: shape %s", fov, data.shape)
         out.zattrs["normalization"] = io.to_jsonable(
             {
-                c: {"dataset_statistics": statistics_from_sample(da.concatenate(s))}
+                c: {"dataset_statistics": statistics_from_sample(np.concatenate(s))}
                 for c, s in samples.items()
             }
         )
