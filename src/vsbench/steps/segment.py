@@ -20,13 +20,14 @@ from vsbench import io  # noqa: E402
 from vsbench import segment as seg  # noqa: E402
 
 
-def read_fovs(plate, fovs, path):
-    for fov in fovs:
-        yield fov, io.position(plate, fov, path)
-
-
-def write_labels(plate, fov, labels_tzyx, scale):
-    io.write_fov(plate, fov, labels_tzyx[:, None].astype(np.int32), scale)
+def write_label_store(sm, channel: str, label_fov) -> None:
+    """Run `label_fov(pos, where, spacing) -> (T, Z, Y, X)` per FOV into a one-channel int32 store."""
+    with io.open_plate(sm.input.image) as src, io.create_plate(sm.output.masks, [channel]) as out:
+        for fov in sm.params.fovs:
+            pos = io.position(src, fov, sm.input.image)
+            spacing = io.scale_zyx(pos)
+            labels = label_fov(pos, f"{sm.input.image} FOV {fov}", spacing)
+            io.write_fov(out, fov, labels[:, None].astype(np.int32), spacing)
 
 
 def segment_cells(sm) -> None:
@@ -34,38 +35,33 @@ def segment_cells(sm) -> None:
     nucleus_ch, membrane_ch = channels.get("nucleus"), channels.get("membrane")
     if not nucleus_ch:
         raise io.InputError(f"{sm.input.image}: params.channels needs a 'nucleus' channel")
-    src = io.open_plate(sm.input.image)
-    out = io.create_plate(sm.output.masks, ["cells"])
-    try:
-        for fov, pos in read_fovs(src, sm.params.fovs, sm.input.image):
-            where = f"{sm.input.image} FOV {fov}"
-            nuc = io.read_channel(pos, nucleus_ch, where)
-            mem = io.read_channel(pos, membrane_ch, where) if membrane_ch else None
-            spacing = io.scale_zyx(pos)
-            nuc_limits = seg.percentile_limits(nuc)
-            mem_limits = seg.percentile_limits(mem) if mem is not None else None
-            labels = np.zeros(nuc.shape, dtype=np.int32)
-            for t in range(nuc.shape[0]):
-                start = time.perf_counter()
-                nuclei = seg.segment_nuclei(nuc[t], spacing, limits=nuc_limits)
-                labels[t] = seg.segment_cells(
-                    nuclei,
-                    None if mem is None else mem[t],
-                    spacing,
-                    limits=mem_limits,
-                )
-                log.info(
-                    "%s t=%d: %d nuclei, %d cells (%.2f s)",
-                    fov,
-                    t,
-                    int(nuclei.max()),
-                    len(np.unique(labels[t])) - 1,
-                    time.perf_counter() - start,
-                )
-            write_labels(out, fov, labels, spacing)
-    finally:
-        out.close()
-        src.close()
+
+    def label_fov(pos, where, spacing):
+        nuc = io.read_channel(pos, nucleus_ch, where)
+        mem = io.read_channel(pos, membrane_ch, where) if membrane_ch else None
+        nuc_limits = seg.percentile_limits(nuc)
+        mem_limits = seg.percentile_limits(mem) if mem is not None else None
+        labels = np.zeros(nuc.shape, dtype=np.int32)
+        for t in range(nuc.shape[0]):
+            start = time.perf_counter()
+            nuclei = seg.segment_nuclei(nuc[t], spacing, limits=nuc_limits)
+            labels[t] = seg.segment_cells(
+                nuclei,
+                None if mem is None else mem[t],
+                spacing,
+                limits=mem_limits,
+            )
+            log.info(
+                "%s t=%d: %d nuclei, %d cells (%.2f s)",
+                where,
+                t,
+                int(nuclei.max()),
+                len(np.unique(labels[t])) - 1,
+                time.perf_counter() - start,
+            )
+        return labels
+
+    write_label_store(sm, "cells", label_fov)
 
 
 def segment_target(sm) -> None:
@@ -79,31 +75,26 @@ def segment_target(sm) -> None:
     }
     if method not in seg.METHODS:
         raise io.InputError(f"segmentation method {method!r} unknown (expected {seg.METHODS})")
-    src = io.open_plate(sm.input.image)
-    out = io.create_plate(sm.output.masks, ["mask"])
-    try:
-        for fov, pos in read_fovs(src, sm.params.fovs, sm.input.image):
-            where = f"{sm.input.image} FOV {fov}"
-            image = io.read_channel(pos, sm.params.channel, where)
-            spacing = io.scale_zyx(pos)
-            limits = seg.percentile_limits(image)
-            masks = np.zeros(image.shape, dtype=np.int32)
-            for t in range(image.shape[0]):
-                start = time.perf_counter()
-                masks[t] = seg.segment_target(image[t], spacing=spacing, limits=limits, **kwargs)
-                log.info(
-                    "%s t=%d: %s, %d foreground voxels, %d objects (%.2f s)",
-                    fov,
-                    t,
-                    method,
-                    int(np.count_nonzero(masks[t])),
-                    int(masks[t].max()) if method == "instance" else -1,
-                    time.perf_counter() - start,
-                )
-            write_labels(out, fov, masks, spacing)
-    finally:
-        out.close()
-        src.close()
+
+    def label_fov(pos, where, spacing):
+        image = io.read_channel(pos, sm.params.channel, where)
+        limits = seg.percentile_limits(image)
+        masks = np.zeros(image.shape, dtype=np.int32)
+        for t in range(image.shape[0]):
+            start = time.perf_counter()
+            masks[t] = seg.segment_target(image[t], spacing=spacing, limits=limits, **kwargs)
+            log.info(
+                "%s t=%d: %s, %d foreground voxels, %d objects (%.2f s)",
+                where,
+                t,
+                method,
+                int(np.count_nonzero(masks[t])),
+                int(masks[t].max()) if method == "instance" else -1,
+                time.perf_counter() - start,
+            )
+        return masks
+
+    write_label_store(sm, "mask", label_fov)
 
 
 def main(sm) -> None:
