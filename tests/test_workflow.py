@@ -83,9 +83,12 @@ def tiny_config() -> dict:
     }
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, python_flags: tuple = ()
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
+        *python_flags,
         "-m",
         "snakemake",
         "-s",
@@ -136,22 +139,7 @@ def campaign(tmp_path_factory):
 
 def test_dry_run_plans_the_whole_campaign_without_importing_torch(tmp_path):
     write_config(tmp_path, tiny_config())
-    cmd = [
-        sys.executable,
-        "-X",
-        "importtime",
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(tmp_path),
-        "--configfile",
-        str(tmp_path / "config.yaml"),
-        "-n",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = snakemake(tmp_path, "-n", python_flags=("-X", "importtime"))
     imported = {
         line.rsplit("|", 1)[-1].strip()
         for line in proc.stderr.splitlines()
