@@ -10,7 +10,7 @@ import torch
 
 from vsbench import io
 from vsbench.models import IdentityModel, UNet3D, build_model, model_config
-from vsbench.predict import blend_weights, load_model, predict_volume, tent, tile_starts
+from vsbench.predict import load_model, predict_volume
 from vsbench.preprocess import fov_statistics, normalize
 from vsbench.train import checkpoint, model_settings
 
@@ -50,21 +50,7 @@ def random_unet_checkpoint(path: Path, settings=UNET, **extra) -> torch.nn.Modul
     return model
 
 
-# --------------------------------------------------------------------------- tiling
-
-
-def test_tiles_cover_the_volume_and_weights_never_vanish():
-    for size, tile, overlap in ((100, 32, 0.25), (64, 64, 0.25), (20, 64, 0.5), (97, 16, 0.0)):
-        starts = tile_starts(size, tile, overlap)
-        t = min(tile, size)
-        covered = np.zeros(size, bool)
-        for s in starts:
-            covered[s : s + t] = True
-        assert covered.all() and starts[-1] + t == size and starts == sorted(set(starts))
-    assert tile_starts(100, 32, 0.25) == [0, 24, 48, 68]
-    w = tent(7)
-    np.testing.assert_allclose(w, [0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25])
-    assert blend_weights(5, 8).min() > 0 and blend_weights(5, 8).shape == (5, 8)
+# --------------------------------------------------------------------------- tiling (vsbench.tiling)
 
 
 def test_tiled_pointwise_prediction_equals_full_volume():

@@ -1,9 +1,9 @@
 """Prediction: load a vsbench checkpoint, sliding-window inference with blended tiles.
 
 Tiles cover the whole Z stack and overlap in Y and X; each tile's output is
-weighted by a separable tent (pyramid) that is highest at the tile centre, so
-tile borders — where a convolutional network sees padding instead of context —
-count least, and the normalized weighted sum has no seams.
+weighted by the tent of :mod:`vsbench.tiling`, so tile borders — where a
+convolutional network sees padding instead of context — count least, and the
+normalized weighted sum has no seams.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from vsbench.io import InputError
 from vsbench.models import build_model
+from vsbench.tiling import blend_weights, tile_origins
 from vsbench.train import CHECKPOINT_FORMAT
 
 REQUIRED_KEYS = ("format", "arch", "model_config", "state_dict")
@@ -62,27 +63,6 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.M
     return model, meta
 
 
-def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Tile origins covering [0, size): stride tile·(1 − overlap), last tile flush with the end."""
-    if tile >= size:
-        return [0]
-    stride = max(1, int(round(tile * (1.0 - overlap))))
-    starts = list(range(0, size - tile, stride))
-    return [*starts, size - tile]
-
-
-def tent(n: int) -> np.ndarray:
-    """1-D tent weights in (0, 1]: 1 at the centre, 1/ceil(n/2) at the edges (never zero)."""
-    i = np.arange(n, dtype=np.float32)
-    w = np.minimum(i + 1, n - i)
-    return w / w.max()
-
-
-def blend_weights(tile_y: int, tile_x: int) -> np.ndarray:
-    """Separable pyramid weights (Y, X) for one tile."""
-    return np.outer(tent(tile_y), tent(tile_x)).astype(np.float32)
-
-
 def _divisibility(model: torch.nn.Module) -> tuple[int, int, int]:
     return tuple(int(d) for d in getattr(model, "divisibility", (1, 1, 1)))
 
@@ -104,8 +84,6 @@ def predict_volume(
     """
     if zyx.ndim != 3:
         raise InputError(f"predict_volume expects a (Z, Y, X) volume, got shape {zyx.shape}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model.eval()
     Z, Y, X = zyx.shape
     dz = _divisibility(model)[0]
@@ -114,7 +92,7 @@ def predict_volume(
     if pad_z:
         x = torch.nn.functional.pad(x[None, None], (0, 0, 0, 0, 0, pad_z), mode="replicate")[0, 0]
     ty, tx = min(int(tile_yx), Y), min(int(tile_yx), X)
-    origins = [(y0, x0) for y0 in tile_starts(Y, ty, overlap) for x0 in tile_starts(X, tx, overlap)]
+    origins = tile_origins((Y, X), tile_yx, overlap)
     w = torch.from_numpy(blend_weights(ty, tx)).to(device)
     weight_sum = torch.zeros((Y, X), dtype=torch.float32, device=device)
     out = None
