@@ -78,7 +78,7 @@ def tiny_config() -> dict:
             "train_sets": ["ipsc"],
             "predict_sets": ["ipsc_test", "a549_all"],
         },
-        "reconstruct": {"n_zenith": 3, "n_azimuth": 4},
+        "reconstruct": {"positions_per_job": 2, "subtile": {"size": 32}, "phase_2d": True},
         "predict": {"tile_yx": 32},
     }
 
@@ -153,6 +153,7 @@ def test_dry_run_plans_the_whole_campaign_without_importing_torch(tmp_path):
     assert jobs == {
         "simulate": 2,
         "preprocess": 2,
+        "reconstruct_shard": 3,  # ipsc: 4 FOVs in shards of 2; a549: 2 FOVs
         "reconstruct": 2,
         "segment_cells": 2,
         "segment_gt": 4,
@@ -275,9 +276,17 @@ def test_slurm_profile_dry_run_without_slurm(tmp_path):
         rule = block.split(":", 1)[0].strip()
         line = next((x for x in block.splitlines() if x.strip().startswith("resources:")), "")
         resources.setdefault(rule, line)
-    for rule in ("reconstruct", "train", "predict", "features", "features_gt"):
+    for rule in ("reconstruct_shard", "train", "predict", "features", "features_gt"):
         assert "gpu=1" in resources[rule] and "slurm_partition=gpu" in resources[rule], rule
-    for rule in ("simulate", "preprocess", "segment", "metrics", "aggregate", "report"):
+    for rule in (
+        "simulate",
+        "preprocess",
+        "reconstruct",
+        "segment",
+        "metrics",
+        "aggregate",
+        "report",
+    ):
         assert "gpu=" not in resources[rule] and "slurm_partition=cpu" in resources[rule], rule
 
 

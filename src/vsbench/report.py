@@ -325,34 +325,57 @@ def wrap_to(angle: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def tilt_per_fov(tilt: pd.DataFrame) -> pd.DataFrame:
-    """Per FOV over (t, subtile): mean zenith, circular-mean azimuth (and the true ones).
+    """Per FOV over (t, subtile): mean zenith and z_offset, circular-mean azimuth (and truth).
 
-    Azimuth errors are wrapped to (−π, π]; zenith/azimuth are in the tilt
-    table's units (radians).
+    Azimuth errors are wrapped to (−π, π]; zenith/azimuth are in the tilt table's units
+    (radians), z_offset in z slices; the FOV's position in its well is kept when known.
     """
     for col in ("fov", "zenith", "azimuth"):
         if col not in tilt.columns:
             raise ValueError(f"tilt table: missing column {col!r}")
     has_true = {"true_zenith", "true_azimuth"} <= set(tilt.columns)
+    mean = lambda g, c: float(pd.to_numeric(g[c], errors="coerce").mean())  # noqa: E731
     rows = []
     for fov, g in tilt.groupby("fov", sort=True):
         row = {
             "fov": str(fov),
-            "zenith": float(pd.to_numeric(g["zenith"], errors="coerce").mean()),
+            "zenith": mean(g, "zenith"),
             "azimuth": _circular_mean(g["azimuth"]),
         }
+        if "z_offset" in g:
+            row["z_offset"] = mean(g, "z_offset")
+        for col in ("position_y_um", "position_x_um"):
+            if col in g:
+                row[col] = mean(g, col)
         if has_true:
-            row["true_zenith"] = float(pd.to_numeric(g["true_zenith"], errors="coerce").mean())
+            row["true_zenith"] = mean(g, "true_zenith")
             row["true_azimuth"] = _circular_mean(g["true_azimuth"])
             row["zenith_error"] = row["zenith"] - row["true_zenith"]
             row["azimuth_error"] = float(
                 wrap_to(row["azimuth"], row["true_azimuth"]) - row["true_azimuth"]
             )
+            if "true_z_offset" in g and "z_offset" in row:
+                row["true_z_offset"] = mean(g, "true_z_offset")
+                row["z_offset_error"] = row["z_offset"] - row["true_z_offset"]
         rows.append(row)
-    columns = ["fov", "zenith", "azimuth"]
-    if has_true:
-        columns += ["true_zenith", "true_azimuth", "zenith_error", "azimuth_error"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = [c for c in TILT_COLUMNS if any(c in r for r in rows)] or ["fov", "zenith", "azimuth"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+TILT_COLUMNS = [
+    "fov",
+    "position_y_um",
+    "position_x_um",
+    "zenith",
+    "azimuth",
+    "z_offset",
+    "true_zenith",
+    "true_azimuth",
+    "true_z_offset",
+    "zenith_error",
+    "azimuth_error",
+    "z_offset_error",
+]
 
 
 def pick_example(
@@ -545,6 +568,57 @@ def tilt_figure(per_fov: pd.DataFrame, title: str = ""):
         ax.set_title(key)
     fig.suptitle(title)
     return fig
+
+
+def tilt_map_figure(per_fov: pd.DataFrame, title: str = ""):
+    """The plate's tilt field: an arrow zenith·(cos, sin)(azimuth) at each FOV position.
+
+    Estimated arrows in blue, simulated truth (when known) in orange; the arrow length
+    scale is printed in the key. Needs position_y_um / position_x_um.
+    """
+    fig, axes = _figure(1, 1, (5.5, 5.0))
+    ax = axes[0][0]
+    y = pd.to_numeric(per_fov["position_y_um"], errors="coerce").to_numpy(float)
+    x = pd.to_numeric(per_fov["position_x_um"], errors="coerce").to_numpy(float)
+    extent = float(np.nanmax(np.hypot(x, y))) if np.isfinite(x).any() else 1.0
+    scale = 0.25 / (0.5 * extent or 1.0)  # 0.25 rad ≈ half the well radius
+    sets = [("estimated", "zenith", "azimuth", "tab:blue")]
+    if (
+        "true_zenith" in per_fov
+        and np.isfinite(pd.to_numeric(per_fov["true_zenith"], errors="coerce")).any()
+    ):
+        sets.append(("true", "true_zenith", "true_azimuth", "tab:orange"))
+    for label, zc, ac, color in sets:
+        zen = pd.to_numeric(per_fov[zc], errors="coerce").to_numpy(float)
+        azi = pd.to_numeric(per_fov[ac], errors="coerce").to_numpy(float)
+        ax.quiver(
+            x,
+            y,
+            zen * np.cos(azi),
+            zen * np.sin(azi),
+            angles="xy",
+            scale_units="xy",
+            scale=scale,
+            color=color,
+            width=0.006,
+            label=label,
+        )
+    ax.scatter(x, y, s=10, color="k")
+    ax.add_patch(matplotlib_circle(extent * 1.1))
+    ax.set_xlim(-1.7 * extent, 1.7 * extent)  # room for the arrows of edge FOVs
+    ax.set_ylim(-1.7 * extent, 1.7 * extent)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x in well (µm)")
+    ax.set_ylabel("y in well (µm)")
+    ax.legend(fontsize="small", loc="lower right", title=f"0.25 rad = {0.25 / scale:.0f} µm")
+    ax.set_title(title)
+    return fig
+
+
+def matplotlib_circle(radius: float):
+    from matplotlib.patches import Circle
+
+    return Circle((0.0, 0.0), radius, fill=False, ls=":", color="0.5")
 
 
 def timings_figure(summary: pd.DataFrame, title: str = "wall time per rule"):

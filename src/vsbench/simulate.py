@@ -17,7 +17,10 @@ FOV layout
     pattern that covers centre and edge of the well with any n.
 Meniscus tilt
     ``zenith = max_zenith * (r / R)**2`` (radians; 0 at the well centre) and
-    ``azimuth = atan2(y, x)``: the tilt points radially outward. Azimuth is
+    ``azimuth = atan2(y, x)``: the tilt points radially outward; the focus sags with
+    it, ``z_offset = max_z_offset * (r / R)**2`` slices: cells are centred on slice
+    ``Z//2 + z_offset`` (± 0.25), which is the thin-model focus offset of the
+    reconstruction (z positions ``(−arange(Z) + Z//2 + z_offset)·dz``). Azimuth is
     measured from +X toward +Y of the image axes, which is exactly waveorder's
     convention (``optics.generate_tilted_pupil``: tilt direction
     ``sin(zenith) * (cos(azimuth), sin(azimuth))`` in ``(f_x, f_y)``).
@@ -68,6 +71,7 @@ DEFAULTS = {
     "fovs_per_well": 4,
     "well_radius_um": 120.0,
     "max_zenith": 0.3,
+    "max_z_offset": 0.0,
 }
 GOLDEN_ANGLE = float(np.pi * (3.0 - np.sqrt(5.0)))
 
@@ -200,7 +204,7 @@ def fov_layout(simulate: Mapping) -> list[dict]:
     """FOV centres in their well and the meniscus tilt there (see module docstring).
 
     One dict per FOV in sorted-name order: fov, index, well, condition,
-    position_um [y, x], radius_um, zenith, azimuth.
+    position_um [y, x], radius_um, zenith, azimuth, z_offset.
     """
     from vsbench.config import simulated_fov_names
 
@@ -208,6 +212,7 @@ def fov_layout(simulate: Mapping) -> list[dict]:
     n = int(sim["fovs_per_well"])
     radius = float(sim["well_radius_um"])
     max_zenith = float(sim["max_zenith"])
+    max_z_offset = float(sim["max_z_offset"])
     seed = int(sim["seed"])
     wells = sorted(sim["wells"])
     by_name = {}
@@ -224,6 +229,7 @@ def fov_layout(simulate: Mapping) -> list[dict]:
                 "radius_um": float(r),
                 "zenith": float(max_zenith * (r / radius) ** 2),
                 "azimuth": float(np.arctan2(y, x)),
+                "z_offset": float(max_z_offset * (r / radius) ** 2),
             }
     names = simulated_fov_names(sim)
     return [{"fov": name, "index": i, **by_name[name]} for i, name in enumerate(names)]
@@ -299,13 +305,13 @@ def _boundary_xy(labels: np.ndarray, width: int) -> np.ndarray:
     return out & (labels > 0)
 
 
-def _cell_geometry(rng, centre_yx, shape, pixel_size, params) -> dict:
+def _cell_geometry(rng, centre_yx, shape, pixel_size, params, z_offset=0.0) -> dict:
     z_px = pixel_size[0]
     Z = shape[0]
     radius = rng.uniform(*params["radius_um"])
     aspect = rng.uniform(*params["aspect"])
     half_height = rng.uniform(*params["half_height_um"])
-    zc = ((Z - 1) / 2.0 + rng.uniform(-0.5, 0.5)) * z_px
+    zc = (Z // 2 + z_offset + rng.uniform(-0.25, 0.25)) * z_px
     angle = rng.uniform(0.0, np.pi)
     frac = rng.uniform(*params["nucleus_fraction"])
     off_angle = rng.uniform(0.0, 2.0 * np.pi)
@@ -402,6 +408,7 @@ def make_phantom(
     rng: np.random.Generator,
     pixel_size: Sequence[float],
     timepoints: int = 2,
+    z_offset: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """A (T, Z, Y, X) cell phantom: labels, organelle masks, densities and Δn.
 
@@ -425,7 +432,7 @@ def make_phantom(
     T = int(timepoints)
 
     centres = _place_cells(rng, (shape[1] * pixel_size[1], shape[2] * pixel_size[2]), params)
-    cells = [_cell_geometry(rng, c, shape, pixel_size, params) for c in centres]
+    cells = [_cell_geometry(rng, c, shape, pixel_size, params, z_offset) for c in centres]
     drifts = _drifts(rng, len(cells), T)
     for cell, drift in zip(cells, drifts, strict=True):
         cell["drift"] = drift
@@ -659,7 +666,13 @@ def simulate_fovs(spec: Mapping, batch: int = 3, device: str = "cpu") -> Iterato
         for fov, tf in zip(chunk, tfs, strict=True):
             phantom_rng, noise_rng = fov_rngs(seed, fov["index"])
             phantom = make_phantom(
-                shape, sim["cell_type"], fov["condition"], phantom_rng, pixel_size, T
+                shape,
+                sim["cell_type"],
+                fov["condition"],
+                phantom_rng,
+                pixel_size,
+                T,
+                fov["z_offset"],
             )
             phase = phase_cycles(phantom["delta_n"], optics)
             channels = [brightfield(phase, optics, rng=noise_rng, transfer_function=tf)]
@@ -676,6 +689,7 @@ def simulate_fovs(spec: Mapping, batch: int = 3, device: str = "cpu") -> Iterato
             attrs = {
                 "zenith": fov["zenith"],
                 "azimuth": fov["azimuth"],
+                "z_offset": fov["z_offset"],
                 "position_um": fov["position_um"],
                 "condition": fov["condition"],
                 "cell_type": sim["cell_type"],

@@ -13,6 +13,10 @@ from vsbench.io import list_plate_fovs
 for _configfile in workflow.configfiles:
     vconfig.load_yaml(_configfile)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+# YAML reads an unquoted `off` as false
+for _block in (config["reconstruct"]["warm_start"], config["reconstruct"]["t_cache"]):
+    if _block["mode"] is False:
+        _block["mode"] = "off"
 
 MANIFESTS = {}
 for _name, _spec in config["datasets"].items():
@@ -44,6 +48,7 @@ CELL = "target/{target}/{train_set}/{model}/{predict_set}"
 
 wildcard_constraints:
     dataset=NAME,
+    shard=r"\d+",
     target=NAME,
     model=NAME,
     train_set=NAME,
@@ -74,6 +79,47 @@ def _split_of(dataset, split):
     return tuple(
         vconfig.split_fovs(_dataset_fovs(dataset), m["splits"], split, dataset)
     )
+
+
+def n_shards(dataset):
+    """Reconstruction jobs of a dataset: ceil(FOVs / positions_per_job)."""
+    per_job = config["reconstruct"]["positions_per_job"]
+    return -(-len(_dataset_fovs(dataset)) // per_job)
+
+
+def shard_fovs(dataset, shard):
+    per_job = config["reconstruct"]["positions_per_job"]
+    return list(_dataset_fovs(dataset)[shard * per_job : (shard + 1) * per_job])
+
+
+def reconstruct_outputs(prefix, wrap=None):
+    """Phase3D store (+ the 2D phase store when reconstruct.phase_2d) under `prefix`."""
+    wrap = wrap or (lambda path: path)
+    out = {"phase": wrap(directory(f"{prefix}/phase.zarr"))}
+    if config["reconstruct"]["phase_2d"]:
+        out["phase2d"] = wrap(directory(f"{prefix}/phase2d.zarr"))
+    return out
+
+
+def reconstruct_shard_inputs(wildcards):
+    inputs = {"store": f"datasets/{wildcards.dataset}/preprocessed.zarr"}
+    if config["reconstruct"]["warm_start"]["mode"] == "fit":
+        inputs["warm"] = f"datasets/{wildcards.dataset}/reconstruct/warmstart.json"
+    return inputs
+
+
+def reconstruct_gather_inputs(wildcards):
+    d = wildcards.dataset
+    shards = [f"datasets/{d}/reconstruct/shard{i}" for i in range(n_shards(d))]
+    inputs = {
+        "phase": [f"{s}/phase.zarr" for s in shards],
+        "tilt": [f"{s}/tilt.csv" for s in shards],
+    }
+    if config["reconstruct"]["phase_2d"]:
+        inputs["phase2d"] = [f"{s}/phase2d.zarr" for s in shards]
+    if d in SIMULATED:
+        inputs["truth"] = f"datasets/{d}/truth.zarr"
+    return inputs
 
 
 def raw_store(wildcards):
@@ -167,6 +213,12 @@ def report_inputs(wildcards):
         "tilt": sorted(
             {
                 f"datasets/{predict_dataset(ps)}/tilt.csv"
+                for ps in CAMPAIGN["predict_sets"]
+            }
+        ),
+        "qc": sorted(
+            {
+                f"datasets/{predict_dataset(ps)}/phase_qc.csv"
                 for ps in CAMPAIGN["predict_sets"]
             }
         ),

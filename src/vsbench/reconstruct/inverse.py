@@ -5,24 +5,35 @@ Per spatial frequency the forward model is ``y = Mᵀ x`` with ``M = [Hu; Hp]`` 
 ``U S/(S²+λ) Vh = (M Mᴴ + λI)⁻¹ M``; here the same matrix comes from the analytic inverse of
 the 2×2 Hermitian ``G = M Mᴴ + λI`` (three Z-sums and a determinant, no SVD).
 
-Convention (verified numerically in tests/test_reconstruct_optics.py). The Tikhonov solution
-of ``y = Mᵀ x`` is ``x = (M̄ Mᵀ + λI)⁻¹ M̄ y`` — the *conjugate* of waveorder's filter. TFs
-are Hermitian in u (real objects, real data), so conjugating a filter mirrors it (u → −u),
-and mirroring a tilted TF is the TF at azimuth + π. Hence waveorder's reconstruction at
-(zenith, azimuth) equals the exact inverse at (zenith, azimuth + π); untilted the two are
-identical. vsbench's default is ``convention="exact"``: data simulated with waveorder's
-``apply_transfer_function`` at azimuth φ is reconstructed best at φ, so a tilt search
-recovers φ, not φ + π; it is also the convention of waveorder's own ``phase_thick_3d``
-inverse (``conj(H)/(|H|²+λ)``) used for Phase3D, so 2D and 3D agree on the azimuth.
-``convention="waveorder"`` gives waveorder's isotropic_thin_3d filter (parity tests).
+Convention (verified numerically in tests/test_reconstruct_optics.py and test_reconstruct.py).
+Angles mean what waveorder's tilted illumination pupil and its ``phase_thick_3d`` model say
+(the demo simulator's forward model and the Phase3D reconstruction); we call this
+``"physical"``. waveorder's two brightfield forward models disagree on the azimuth: a thin
+sheet imaged by ``phase_thick_3d`` at (zenith, φ) equals ``isotropic_thin_3d``'s forward model
+at (zenith, φ + π) (Pearson 0.96, against 0.06 at φ) with its default descending z list
+``(−arange(Z) + Z//2 + offset)·dz``. waveorder's thin-3D *inverse* filter
+``(M Mᴴ + λI)⁻¹ M`` is the conjugate of the exact Tikhonov pseudo-inverse
+``(M̄ Mᵀ + λI)⁻¹ M̄`` of its own thin forward model — and conjugating a filter of Hermitian
+TFs mirrors it (u → −u), which is the filter at azimuth + π. The two π offsets cancel: the
+filter waveorder uses is the exact inverse of the physical (``phase_thick_3d``) imaging of a
+thin object. So:
+
+- ``convention="physical"`` (default) is waveorder's filter. Data of the demo simulator, or of
+  ``phase_thick_3d.apply_transfer_function``, at φ is reconstructed best at φ, the tilt
+  optimiser recovers φ (not φ + π), and 2D and 3D reconstructions agree on the azimuth.
+- ``convention="thin_forward"`` is the exact inverse of ``isotropic_thin_3d``'s forward
+  model at the same angles (equal to ``"physical"`` at azimuth + π); for data made with that
+  function. Untilted the two coincide.
 """
 
 from __future__ import annotations
 
-CONVENTIONS = ("exact", "waveorder")
+CONVENTIONS = ("physical", "thin_forward")
 
 
-def tikhonov_filter(absorption_tf, phase_tf, regularization: float = 1e-3, convention="exact"):
+def tikhonov_filter(
+    absorption_tf, phase_tf, regularization: float = 1e-3, convention: str = "physical"
+):
     """Filter bank (…, 2, Z, Y, X): output channel (absorption, phase) × input plane z.
 
     TFs are (Z, Y, X) or (B, Z, Y, X); the result has the same leading dims plus the channel
@@ -46,7 +57,7 @@ def tikhonov_filter(absorption_tf, phase_tf, regularization: float = 1e-3, conve
     c_up = (b * inv_det).unsqueeze(-3)
     if torch.is_grad_enabled() and (hu.requires_grad or hp.requires_grad):
         filt = torch.stack((c_uu * hu - c_up * hp, c_pp * hp - torch.conj(c_up) * hu), dim=-4)
-        return torch.conj(filt) if convention == "exact" else filt
+        return torch.conj(filt) if convention == "thin_forward" else filt
     # no autograd: write both rows in place (saves the stack copy and temporaries)
     filt = torch.empty((*hu.shape[:-3], 2, *hu.shape[-3:]), dtype=hu.dtype, device=hu.device)
     w_abs, w_phase = filt.unbind(dim=-4)
@@ -54,7 +65,7 @@ def tikhonov_filter(absorption_tf, phase_tf, regularization: float = 1e-3, conve
     w_abs.sub_(c_up * hp)
     torch.mul(hp, c_pp, out=w_phase)
     w_phase.sub_(torch.conj(c_up) * hu)
-    return torch.conj_physical_(filt) if convention == "exact" else filt
+    return torch.conj_physical_(filt) if convention == "thin_forward" else filt
 
 
 def normalize_intensity(zyx):
@@ -91,6 +102,50 @@ def _hermitian_half(filt):
     return half
 
 
+def half_filter(
+    absorption_tf, phase_tf, regularization: float = 1e-3, convention: str = "physical"
+):
+    """The filter on the rfft half-plane (…, 2, Z, Y, X//2+1), Hermitian part on the Nyquist
+    row/column: all a real-FFT reconstruction reads, at half the cost of the full filter.
+
+    Equals ``_hermitian_half(tikhonov_filter(...))``; the Nyquist row's mirror lies outside
+    the half, so that one row is computed over the full width.
+    """
+    import torch
+
+    ny, nx = absorption_tf.shape[-2:]
+    xh = nx // 2 + 1
+    hu, hp = (tf[..., :xh].contiguous() for tf in (absorption_tf, phase_tf))  # strided is slower
+    filt = tikhonov_filter(hu, hp, regularization, convention)
+    if ny % 2 == 0:
+        r = slice(ny // 2, ny // 2 + 1)
+        row = tikhonov_filter(
+            absorption_tf[..., r, :], phase_tf[..., r, :], regularization, convention
+        )
+        row = row[..., 0, :]
+        filt[..., ny // 2, :] = ((row + torch.conj(_mirrored(row, -1))) / 2)[..., :xh]
+    if nx % 2 == 0:
+        col = filt[..., :, nx // 2]
+        filt[..., :, nx // 2] = (col + torch.conj(_mirrored(col, -1))) / 2
+    return filt
+
+
+def data_spectrum(zyx):
+    """rfft2 of the intensity-normalised stack: computed once when many filters are tried."""
+    import torch
+
+    return torch.fft.rfft2(normalize_intensity(zyx.to(torch.float32)))
+
+
+def filter_spectrum(spec, filt, yx_shape):
+    """(…, 2, Y, X) absorption and phase from a ``data_spectrum`` and a full filter
+    (…, 2, Z, Y, X) or a ``half_filter`` (…, 2, Z, Y, X//2+1)."""
+    import torch
+
+    f = filt if filt.shape[-1] == spec.shape[-1] != yx_shape[-1] else _hermitian_half(filt)
+    return torch.fft.irfft2((f * spec.unsqueeze(-4)).sum(dim=-3), s=tuple(yx_shape))
+
+
 def apply_filter(zyx, filt, real_fft: bool = True):
     """Absorption and phase (…, Y, X) from raw intensities (…, Z, Y, X) and a filter.
 
@@ -102,14 +157,10 @@ def apply_filter(zyx, filt, real_fft: bool = True):
     """
     import torch
 
-    y = normalize_intensity(zyx.to(torch.float32))
-    ny, nx = y.shape[-2:]
     if real_fft:
-        spec = torch.fft.rfft2(y)  # (…, Z, Y, X//2+1)
-        f = _hermitian_half(filt)
-        out = torch.fft.irfft2((f * spec.unsqueeze(-4)).sum(dim=-3), s=(ny, nx))
+        out = filter_spectrum(data_spectrum(zyx), filt, zyx.shape[-2:])
     else:
-        spec = torch.fft.fft2(y)
+        spec = torch.fft.fft2(normalize_intensity(zyx.to(torch.float32)))
         out = torch.fft.ifft2((filt * spec.unsqueeze(-4)).sum(dim=-3)).real
     return out[..., 0, :, :], out[..., 1, :, :]
 
@@ -119,7 +170,7 @@ def reconstruct_thin(
     tilt_optics,
     z_positions,
     regularization: float = 1e-3,
-    convention: str = "exact",
+    convention: str = "physical",
     real_fft: bool = True,
 ):
     """(absorption, phase) 2D from a (Z, Y, X) or (B, Z, Y, X) stack with cached optics."""
@@ -131,5 +182,9 @@ def reconstruct_thin(
     hu, hp = tilt_optics.transfer_functions(z_positions)
     if hu.shape[-3] != data.shape[-3]:
         raise ValueError(f"{hu.shape[-3]} z positions for {data.shape[-3]} planes")
-    filt = tikhonov_filter(hu, hp, regularization, convention)
-    return apply_filter(data, filt, real_fft)
+    if real_fft:
+        out = filter_spectrum(
+            data_spectrum(data), half_filter(hu, hp, regularization, convention), data.shape[-2:]
+        )
+        return out[..., 0, :, :], out[..., 1, :, :]
+    return apply_filter(data, tikhonov_filter(hu, hp, regularization, convention), real_fft)

@@ -136,7 +136,6 @@ class TiltOptics:
                 for n, big, nb in zip(self.yx_shape, waveorder_shape, self.big_shape, strict=True)
             )
             self._crop = (iy[:, None], ix[None, :])
-            self._mirror = ((-iy[:, None]) % self.big_shape[0], (-ix[None, :]) % self.big_shape[1])
         self.set_tilt(zenith, azimuth)
 
     def set_tilt(self, zenith, azimuth) -> TiltOptics:
@@ -171,20 +170,31 @@ class TiltOptics:
         return self
 
     def z_positions(self, z_positions):
+        """z list as a float tensor on the device: (Z,), or (B, Z) for one list per tile."""
         import torch
 
-        z = torch.as_tensor(z_positions, dtype=torch.float32, device=self.device).reshape(-1)
+        z = torch.as_tensor(z_positions, dtype=torch.float32, device=self.device)
+        if z.ndim > 2:
+            raise ValueError(f"z positions must be (Z,) or (B, Z), got shape {tuple(z.shape)}")
+        z = z.reshape(-1) if z.ndim < 2 else z
         return -z if self.invert_phase_contrast else z
 
     def transfer_functions(self, z_positions):
         """(absorption TF, phase TF) for a z list, each (Z, Y, X) or (B, Z, Y, X), complex64.
 
-        For a list symmetric about 0 (the usual centred stack) only z ≥ 0 is computed:
+        ``z_positions`` is (Z,) — shared by all tilts — or (B, Z), one list per tile (a per-tile
+        focus offset); the latter always gives (B, Z, Y, X), and an unbatched tilt is shared.
+        For a shared list symmetric about 0 (the usual centred stack) only z ≥ 0 is computed:
         D₋z = conj(D_z) gives H1₋z = conj(H1_z), hence Hu₋z = conj(Hu_z), Hp₋z = −conj(Hp_z).
         """
         import torch
 
         z = self.z_positions(z_positions)
+        if z.ndim == 2:
+            n_tilts = self.illumination.shape[0]
+            if n_tilts not in (1, z.shape[0]):
+                raise ValueError(f"{z.shape[0]} z lists for {n_tilts} tilts")
+            return self._transfer_functions(z)
         values = z.detach().tolist()
         half = [i for i, v in enumerate(values) if v >= 0]
         symmetric = (
@@ -197,29 +207,38 @@ class TiltOptics:
         else:
             where = {values[i]: k for k, i in enumerate(half)}
             hu, hp = self._transfer_functions(z[half])
-            src = torch.tensor([where[abs(v)] for v in values], device=self.device)
-            neg = torch.tensor([v < 0 for v in values], device=self.device)[:, None, None]
-            hu, hp = hu.index_select(1, src), hp.index_select(1, src)
-            absorption = torch.where(neg, hu.conj(), hu)
-            phase_tf = torch.where(neg, -hp.conj(), hp)
+            pos = [i for i, v in enumerate(values) if v >= 0]
+            neg = [i for i, v in enumerate(values) if v < 0]
+            pos_t, neg_t = (torch.tensor(ix, device=self.device) for ix in (pos, neg))
+            src_pos = torch.tensor([where[values[i]] for i in pos], device=self.device)
+            src_neg = torch.tensor([where[-values[i]] for i in neg], device=self.device)
+            absorption = hu.new_empty((hu.shape[0], len(values), *hu.shape[2:]))
+            phase_tf = torch.empty_like(absorption)
+            absorption[:, pos_t] = hu[:, src_pos]
+            phase_tf[:, pos_t] = hp[:, src_pos]
+            absorption[:, neg_t] = hu[:, src_neg].conj()
+            phase_tf[:, neg_t] = -hp[:, src_neg].conj()
         if not self.batched:
             absorption, phase_tf = absorption[0], phase_tf[0]
         return absorption, phase_tf
 
     def _transfer_functions(self, z):
-        """(B, Z, Y, X) TFs for a 1-D z tensor, the waveorder arithmetic."""
+        """(B, Z, Y, X) TFs for a (Z,) or (B, Z) z tensor, the waveorder arithmetic."""
         import torch
 
-        angle = (2 * math.pi) * z[:, None, None] * self.kz
-        det = torch.polar(self.pupil_sq.expand_as(angle), angle)  # (Z, Yos, Xos)
+        angle = (2 * math.pi) * z[..., None, None] * self.kz
+        det = torch.polar(self.pupil_sq.expand_as(angle), angle)  # ([B,] Z, Yos, Xos)
         det_hat = torch.fft.fft2(det)
+        det_ri = torch.view_as_real(det)
         # S·D as a real product on the (re, im) view: no real → complex promotion of S
-        sd = torch.view_as_complex(self._source * torch.view_as_real(det)[None])
+        sd = torch.view_as_complex(self._source * (det_ri if z.ndim == 2 else det_ri[None]))
         sd_hat = torch.fft.fft2(sd)  # (B, Z, Yos, Xos)
         h1 = torch.fft.ifft2(torch.conj(sd_hat) * det_hat)
+        # H2(u) = conj(H1(-u)): the grid mirrored (flip + roll by one), then the same crop
+        h2 = torch.roll(torch.flip(h1, dims=(-2, -1)), (1, 1), dims=(-2, -1)).conj()
         if self.big_shape == self.yx_shape:
-            h1_crop = h1
+            h1_crop, h2_crop = h1, h2
         else:
             h1_crop = h1[..., self._crop[0], self._crop[1]]
-        h2_crop = torch.conj(h1[..., self._mirror[0], self._mirror[1]])  # H2(u) = conj(H1(-u))
+            h2_crop = h2[..., self._crop[0], self._crop[1]]
         return h1_crop + h2_crop, (h1_crop - h2_crop) * 1j

@@ -34,6 +34,7 @@ prediction_paths = as_list(getattr(inp, "predictions", []))
 phase_paths = as_list(getattr(inp, "phase", []))
 fluorescence_paths = as_list(getattr(inp, "fluorescence", []))
 tilt_paths = as_list(getattr(inp, "tilt", []))
+qc_paths = as_list(getattr(inp, "qc", []))
 cells = list(params.cells)
 channels = dict(params.channels)
 benchmarks_dir = Path(str(getattr(params, "benchmarks_dir", "benchmarks")))
@@ -248,9 +249,34 @@ for path in tilt_paths:
         if "true_zenith" in per_fov.columns and per_fov["true_zenith"].notna().any()
         else f"{dataset}: estimated zenith/azimuth per FOV"
     )
-    figure = rp.html_figure(rel(save_figure(fig, f"tilt_{dataset}")), caption)
+    figures = [rp.html_figure(rel(save_figure(fig, f"tilt_{dataset}")), caption)]
+    if {"position_y_um", "position_x_um"} <= set(per_fov.columns) and per_fov[
+        "position_x_um"
+    ].notna().all():
+        fig = rp.tilt_map_figure(per_fov, title=f"{dataset}: tilt over the well")
+        figures.append(
+            rp.html_figure(
+                rel(save_figure(fig, f"tilt_map_{dataset}")),
+                f"{dataset}: tilt vector zenith·(cos, sin)(azimuth) at each FOV (estimated"
+                " and, for simulated plates, true)",
+            )
+        )
     links = rp.html_links([(rel(p), kind) for kind, p in files.items()])
-    tilt_body.append(rp.html_section(dataset, [figure, rp.html_table(table), links], level=3))
+    body = [*figures, rp.html_table(table), links]
+    qc_path = next((q for q in qc_paths if Path(q).parent.name == dataset), None)
+    qc = io.read_table(qc_path) if qc_path else None
+    if qc is not None and len(qc):
+        per_fov_qc = qc.groupby("fov", sort=True, as_index=False)["phase_pcc"].mean()
+        qc_table = rp.frame_table(per_fov_qc)
+        save_table(qc_table, per_fov_qc, f"phase_qc_{dataset}", f"{dataset}: Phase3D vs truth")
+        body += [
+            rp.html_paragraph(
+                f"Phase3D vs the simulated true phase: Pearson {qc['phase_pcc'].mean():.3f}"
+                f" ± {qc['phase_pcc'].std(ddof=0):.3f} over {len(qc)} (FOV, t)."
+            ),
+            rp.html_table(qc_table),
+        ]
+    tilt_body.append(rp.html_section(dataset, body, level=3))
 if tilt_body:
     toc.append(("#tilt", "reconstruction tilt"))
     sections.append(rp.html_section("Reconstruction: illumination tilt", tilt_body, anchor="tilt"))
