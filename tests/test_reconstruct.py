@@ -34,6 +34,7 @@ from vsbench.reconstruct.optimize import (
 from vsbench.reconstruct.position import (
     ReconstructSettings,
     reconstruct_position,
+    replace_outliers,
     tilt_summary,
 )
 from vsbench.reconstruct.warmstart import RadialMap, is_edge, map_from_config, radial_blend_zenith
@@ -307,6 +308,24 @@ def test_warm_start_skip_edge_override_and_radial_blend():
 
 
 # --------------------------------------------------------------------------- position
+
+
+def test_outlier_subtiles_take_the_median_of_the_others():
+    from vsbench.reconstruct.optimize import TiltFit
+
+    n = 9
+    zen, azi, off = np.full(n, 0.25), np.full(n, 2.9) + np.linspace(-0.02, 0.02, n), np.full(n, 0.8)
+    zen[0], azi[0] = 0.4, 2.9 + math.pi  # an empty subtile on the azimuth + π branch
+    off[5] = 3.0  # a lost focus
+    flags = np.zeros(n, bool)
+    fit = TiltFit(zen.copy(), azi.copy(), off.copy(), np.zeros(n), np.ones(n, int), np.ones(n, int),
+                  flags, flags.copy(), "newton", 0.0)  # fmt: skip
+    replaced = replace_outliers(fit, 0.08, 1.0)
+    assert replaced.tolist() == [True, False, False, False, False, True, False, False, False]
+    assert fit.zenith[0] == pytest.approx(0.25) and angle_error(fit.azimuth[0], 2.9) < 0.01
+    assert fit.z_offset[5] == pytest.approx(0.8)
+    assert np.array_equal(fit.zenith[1:5], zen[1:5])  # inliers untouched
+    assert not replace_outliers(fit, None, 1.0).any()
 
 
 def test_t_cache_modes():

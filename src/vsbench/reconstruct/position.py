@@ -17,6 +17,13 @@ initial values come from, in order of precedence:
 Positions beyond ``edge_threshold`` (r/r_max; the meniscus edge, where the tilt changes
 fastest) are never skipped and use ``edge_lr`` (all unknowns free by default).
 
+A subtile with little structure (background, few cells) gives a flat loss and an arbitrary
+fit — often the azimuth + π branch. Such outliers are caught against the FOV's other
+subtiles: a subtile whose tilt vector ``zenith·(cos, sin)(azimuth)`` lies farther than
+``outlier_tolerance`` (rad) from the median tilt vector of the timepoint's subtiles, or whose
+focus lies farther than ``outlier_z`` slices from their median, takes the median of the
+others (rows flagged ``replaced``); ``outlier_tolerance: null`` turns this off.
+
 The final reconstructions use each subtile's own tilt: Phase3D with waveorder's
 ``phase_thick_3d`` (it has no focus offset: the 3D inverse is shift-equivariant in z), and,
 if asked, the thin 2D phase at (zenith, azimuth, z_offset); both are tent-blended into the
@@ -76,6 +83,8 @@ class ReconstructSettings:
     edge_lr: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
     t_cache_mode: str = "skip"
     t_cache_iterations: int = 5
+    outlier_tolerance: float | None = 0.08
+    outlier_z: float = 1.0
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -116,6 +125,8 @@ class ReconstructSettings:
             edge_lr={**DEFAULT_LR, **dict(warm.get("edge_lr") or {})},
             t_cache_mode=str(cache.get("mode", d.t_cache_mode)),
             t_cache_iterations=int(cache.get("max_iterations", d.t_cache_iterations)),
+            outlier_tolerance=sub.get("outlier_tolerance", d.outlier_tolerance),
+            outlier_z=float(sub.get("outlier_z", d.outlier_z)),
         )
 
 
@@ -127,6 +138,27 @@ class TimepointFit:
     tile_shape: tuple[int, int]
     fit: TiltFit
     source: str
+    replaced: np.ndarray  # (B,) bool: outlier subtiles that took the median of the others
+
+
+def replace_outliers(fit: TiltFit, tolerance: float | None, z_tolerance: float) -> np.ndarray:
+    """Outlier subtiles (see the module docstring) take the median of the inliers, in place."""
+    n = len(fit)
+    out = np.zeros(n, bool)
+    if tolerance is None or n < 3:
+        return out
+    vx, vy = fit.zenith * np.cos(fit.azimuth), fit.zenith * np.sin(fit.azimuth)
+    mx, my, mz = np.median(vx), np.median(vy), np.median(fit.z_offset)
+    out = (np.hypot(vx - mx, vy - my) > tolerance) | (np.abs(fit.z_offset - mz) > z_tolerance)
+    out &= ~fit.skipped
+    if out.all() or not out.any():
+        return np.zeros(n, bool)
+    keep = ~out
+    tx, ty = float(np.median(vx[keep])), float(np.median(vy[keep]))
+    fit.zenith[out] = math.hypot(tx, ty)
+    fit.azimuth[out] = math.atan2(ty, tx) % (2 * math.pi)
+    fit.z_offset[out] = float(np.median(fit.z_offset[keep]))
+    return out
 
 
 @dataclass
@@ -195,7 +227,10 @@ def fit_timepoint(
             init = {p: g[p] for p in PARAMETERS}
             source = "grid"
     fit = optimize_tilt(model, init, opt, skip)
-    return TimepointFit(origins=origins, tile_shape=shape, fit=fit, source=source)
+    replaced = replace_outliers(fit, s.outlier_tolerance, s.outlier_z)
+    return TimepointFit(
+        origins=origins, tile_shape=shape, fit=fit, source=source, replaced=replaced
+    )
 
 
 def _rows(t: int, tf: TimepointFit, edge: bool) -> list[dict[str, Any]]:
@@ -214,6 +249,7 @@ def _rows(t: int, tf: TimepointFit, edge: bool) -> list[dict[str, Any]]:
             "iterations": int(f.iterations[k]),
             "converged": bool(f.converged[k]),
             "skipped": bool(f.skipped[k]),
+            "replaced": bool(tf.replaced[k]),
             "init": tf.source,
             "edge": edge,
             "method": "skip" if f.skipped[k] else f.method,

@@ -46,6 +46,7 @@ COLUMNS = [
     "iterations",
     "converged",
     "skipped",
+    "replaced",
     "init",
     "edge",
     "method",
