@@ -46,8 +46,8 @@ def test_demo_campaign_is_consistent(repo_root):
     cfg, manifests = _demo(repo_root)
     vc.check_campaign(cfg, manifests)
     cells = vc.benchmark_cells(cfg)
-    assert len(cells) == 2 * 3 * 1 * 2
-    assert {c["model"] for c in cells} == {"identity", "unet_small", "unet_wide"}
+    assert len(cells) == 3 * 4 * 1 * 2
+    assert {c["model"] for c in cells} == {"identity", "unet", "unext2", "pix2pix"}
 
 
 @pytest.mark.parametrize(

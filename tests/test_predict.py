@@ -1,6 +1,7 @@
 """predict: sliding-window blending, checkpoint loading and its errors, the step script."""
 
 import runpy
+import shutil
 import types
 from pathlib import Path
 
@@ -62,6 +63,36 @@ def test_tiled_pointwise_prediction_equals_full_volume():
     tiled = predict_volume(model, zyx, tile_yx=32, overlap=0.25, batch_size=3)
     assert tiled.shape == (2, 6, 70, 90)  # accumulator has the model's output channels
     np.testing.assert_allclose(tiled, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["tent", "gaussian"])
+def test_z_windows_and_yx_tiles_of_a_pointwise_model_equal_the_full_volume(weights):
+    model = Pointwise().eval()  # divisibility 4 in Z: 6-slice windows are padded to 8
+    zyx = np.random.default_rng(1).normal(size=(13, 50, 45)).astype(np.float32)
+    with torch.no_grad():
+        full = model(torch.from_numpy(zyx)[None, None])[0].numpy()
+    tiled = predict_volume(
+        model, zyx, tile_yx=24, overlap=0.3, tile_z=6, z_overlap=0.5, weights=weights
+    )
+    assert tiled.shape == (2, 13, 50, 45)
+    np.testing.assert_allclose(tiled, full, rtol=1e-5, atol=1e-6)
+
+
+def test_z_window_defaults_to_the_model_and_windows_are_blended():
+    class Depth(torch.nn.Module):
+        """Outputs the window's own slice count: blending must average windows smoothly."""
+
+        z_window = 4
+        divisibility = (1, 1, 1)
+
+        def forward(self, x):
+            z = torch.arange(x.shape[2], dtype=x.dtype).reshape(1, 1, -1, 1, 1)
+            return z.expand_as(x).clone()
+
+    out = predict_volume(Depth(), np.zeros((10, 8, 8), np.float32), tile_yx=8)
+    # windows start at 0, 2, 4, 6: every slice is a tent-weighted mean of in-window indices
+    assert out.shape == (10, 8, 8) and 0.0 <= out.min() and out.max() <= 3.0
+    assert out[0, 0, 0] == 0.0 and out[-1, 0, 0] == 3.0  # edges are covered by one window
 
 
 def test_blending_has_no_seams():
@@ -158,6 +189,28 @@ def test_load_model_errors_name_the_file(tmp_path):
         load_model(as_identity)
 
 
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def test_stored_reference_output():
+    """A shipped tiny checkpoint (tests/data/reference, made by make_reference.py) predicts
+    its stored output: zero missing/unexpected keys, Pearson > 0.999 and |diff| <= 1e-4 of
+    the output's range (tolerance for BLAS/torch-version rounding); CPU reruns are bitwise."""
+    ckpt = torch.load(REFERENCE / "unet3d.ckpt", map_location="cpu", weights_only=True)
+    net = build_model(ckpt["arch"], ckpt["model_config"])
+    result = net.load_state_dict(ckpt["state_dict"], strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    model, meta = load_model(REFERENCE / "unet3d.ckpt")
+    assert meta["arch"] == "unet3d"
+    x = np.load(REFERENCE / "input.npy")
+    expected = np.load(REFERENCE / "output.npy")
+    got = predict_volume(model, x, tile_yx=32, overlap=0.25, batch_size=2)
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.999
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.ptp(expected))
+    again = predict_volume(model, x, tile_yx=32, overlap=0.25, batch_size=2)
+    assert np.array_equal(got, again)
+
+
 # --------------------------------------------------------------------------- step script
 
 FOVS = ["A/1/0", "A/1/1", "A/2/0"]
@@ -184,7 +237,7 @@ def write_phase_plate(path: Path, shape=(2, 6, 40, 52)) -> dict:
     return raw
 
 
-def run_predict_step(tmp_path, ckpt, phase, fovs, target="nucleus"):
+def run_predict_step(tmp_path, ckpt, phase, fovs, target="nucleus", overwrite=True):
     out = tmp_path / "prediction.zarr"
     ns = types.SimpleNamespace(
         input=types.SimpleNamespace(ckpt=str(ckpt), phase=str(phase)),
@@ -192,7 +245,7 @@ def run_predict_step(tmp_path, ckpt, phase, fovs, target="nucleus"):
         params=types.SimpleNamespace(
             target=target,
             fovs=fovs,
-            settings={"tile_yx": 32, "overlap": 0.25, "batch_size": 4},
+            settings={"tile_yx": 32, "overlap": 0.25, "batch_size": 4, "overwrite": overwrite},
             device="cpu",
         ),
         log=[],
@@ -237,6 +290,28 @@ def test_predict_step_unet_and_target_check(tmp_path, restore_threads):
         run_predict_step(tmp_path, ckpt, phase, ["A/1/0"], target="er")
     with pytest.raises(io.InputError, match=r"FOV\(s\) \['B/1/0'\] not found"):
         run_predict_step(tmp_path, ckpt, phase, ["B/1/0"])
+
+
+def test_predict_step_refuses_to_overwrite_and_checks_the_checkpoint_first(
+    tmp_path, restore_threads
+):
+    phase = tmp_path / "phase.zarr"
+    write_phase_plate(phase)
+    ckpt = tmp_path / "model.ckpt"
+    random_unet_checkpoint(ckpt, target="nucleus")
+    out = run_predict_step(tmp_path, ckpt, phase, ["A/1/0"])
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(io.InputError, match=r"prediction\.zarr: a prediction store exists"):
+        run_predict_step(tmp_path, ckpt, phase, ["A/1/0"], overwrite=False)
+    assert sorted(p.name for p in out.rglob("*")) == before  # untouched
+    placeholder = tmp_path / "CHANGE_ME.ckpt"
+    placeholder.write_bytes(b"")
+    shutil.rmtree(out)
+    with pytest.raises(io.InputError, match="CHANGE_ME.ckpt: not a readable torch checkpoint"):
+        run_predict_step(tmp_path, placeholder, phase, ["A/1/0"])
+    assert not out.exists()  # failed before any work
+    with pytest.raises(io.InputError, match="missing.ckpt: checkpoint not found"):
+        run_predict_step(tmp_path, tmp_path / "missing.ckpt", phase, ["A/1/0"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -207,6 +207,31 @@ def test_figures_write_pngs(tmp_path):
                 "identity": pd.DataFrame(columns=["epoch", "train_loss", "val_loss"]),
             }
         ),
+        "curves_gan": rp.curves_figure(
+            {
+                "gan": pd.DataFrame(
+                    {
+                        "epoch": [0, 1],
+                        "train_loss": [0.8, 0.6],
+                        "val_loss": [0.7, 0.5],
+                        "d_loss": [0.3, 0.26],
+                        "g_loss": [80.0, 60.0],
+                    }
+                )
+            }
+        ),
+        "tilt_map": rp.tilt_map_figure(
+            pd.DataFrame(
+                {
+                    "position_y_um": [10.0, -50.0],
+                    "position_x_um": [60.0, 5.0],
+                    "zenith": [0.1, 0.2],
+                    "azimuth": [0.2, 4.6],
+                    "true_zenith": [0.12, 0.18],
+                    "true_azimuth": [0.1, 4.7],
+                }
+            )
+        ),
         "tilt": rp.tilt_figure(
             pd.DataFrame(
                 {
@@ -225,6 +250,8 @@ def test_figures_write_pngs(tmp_path):
             rp.benchmark_summary(pd.DataFrame({"rule": ["a", "b"], "s": [1.0, 2.0]}))
         ),
     }
+    assert len(figs["curves_gan"].axes) == 3 and len(figs["curves"].axes) == 1  # + D/G panel
+    assert len(figs["tilt_map"].axes[0].collections) >= 3  # estimated + true arrows, FOVs
     for name, fig in figs.items():
         path = tmp_path / f"{name}.png"
         fig.savefig(path, dpi=60)

@@ -1,6 +1,7 @@
 """train: UNet shapes, learning, determinism, resume, identity baseline, the step script."""
 
 import math
+import os
 import runpy
 import types
 from pathlib import Path
@@ -17,8 +18,11 @@ from vsbench.predict import load_model, predict_volume
 from vsbench.preprocess import fov_statistics
 from vsbench.train import (
     LOG_COLUMNS,
+    TrainingInterrupted,
+    epochs_without_progress,
     evaluate_identity,
     fixed_crops,
+    foreground_index,
     learning_rate,
     model_settings,
     sample_crop,
@@ -128,6 +132,82 @@ def test_crops_are_seeded_and_augmentation_keeps_pairs_aligned(pairs):
     s1, t1 = fixed_crops(train, [4, 24, 24], 5, seed=0)
     s2, _ = fixed_crops(train, [4, 24, 24], 5, seed=0)
     assert s1.shape == (5, 1, 4, 24, 24) and torch.equal(s1, s2)
+
+
+def test_intensity_augmentation_and_noise_touch_the_source_only(pairs):
+    train, _ = pairs
+    aug = {"intensity_scale": 0.2, "intensity_shift": 0.1, "noise_std": 0.05}
+    plain = sample_crop(train, [4, 24, 24], np.random.default_rng(5), augment=False)
+    src, tgt = sample_crop(train, [4, 24, 24], np.random.default_rng(5), False, aug)
+    np.testing.assert_array_equal(tgt, plain[1])  # same crop, target untouched
+    assert not np.allclose(src, plain[0])
+    resid = src - np.polyval(np.polyfit(plain[0].ravel(), src.ravel(), 1), plain[0])
+    assert 0.03 < resid.std() < 0.07  # the added noise; the rest is an affine map
+    again = sample_crop(train, [4, 24, 24], np.random.default_rng(5), False, aug)
+    np.testing.assert_array_equal(again[0], src)  # seeded
+
+
+def test_foreground_crops_are_centred_on_bright_target():
+    x = np.zeros((1, 8, 64, 64), np.float32)
+    y = np.zeros_like(x)
+    y[0, 4, 50:54, 10:14] = 5.0  # one small bright object
+    fg = foreground_index([(x, y)], threshold=1.0, stride=1)
+    assert len(fg[0]) == 16
+    hits = 0
+    for seed in range(20):
+        _, tgt = sample_crop([(x, y)], [4, 16, 16], np.random.default_rng(seed), False,
+                             {"foreground_fraction": 1.0}, fg)  # fmt: skip
+        hits += tgt.max() > 0
+    assert hits == 20
+    random = sum(
+        sample_crop([(x, y)], [4, 16, 16], np.random.default_rng(s), False)[1].max() > 0
+        for s in range(20)
+    )
+    assert random < 10
+
+
+def test_worker_processes_do_not_change_the_data(pairs):
+    train, val = pairs
+    s = model_settings({**TINY, "epochs": 2, "steps_per_epoch": 3})
+    a = train_model(train, val, s, seed=4)["state_dict"]
+    b = train_model(train, val, {**s, "num_workers": 2}, seed=4)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_and_gradient_accumulation(pairs):
+    train, val = pairs
+    anti = [(x, -y) for x, y in val]  # learning the train mapping makes this val set worse
+    s = model_settings({**TINY, "epochs": 8, "patience": 2})
+    final = train_model(train, anti, s, seed=0)
+    assert final["stopped_early"] and len(final["history"]) < 8
+    assert epochs_without_progress(final["history"]) == 2
+    assert (
+        epochs_without_progress([{"epoch": 0, "val_loss": 1.0}, {"epoch": 1, "val_loss": 0.99999}])
+        == 1
+    )
+    again = train_model(train, val, s, seed=0, resume=final)  # a finished run stays finished
+    assert again["epoch"] == final["epoch"]
+    acc = model_settings({**TINY, "epochs": 1, "accumulate": 2})
+    assert len(train_model(train, val, acc, seed=0)["history"]) == 1
+
+
+def test_a_stop_request_discards_the_partial_epoch(pairs):
+    train, val = pairs
+    s = model_settings(TINY)
+    seen, batches = [], []
+
+    def should_stop():
+        batches.append(1)
+        return len(batches) == s["steps_per_epoch"] + 2  # two batches into epoch 1
+
+    with pytest.raises(TrainingInterrupted, match="after epoch 0") as info:
+        train_model(train, val, s, seed=1, on_epoch_end=seen.append, should_stop=should_stop)
+    assert info.value.epoch == 0 and [st["epoch"] for st in seen] == [0]
+    full = train_model(train, val, s, seed=1)
+    resumed = train_model(train, val, s, seed=1, resume=seen[-1])
+    assert all(
+        torch.equal(full["state_dict"][k], resumed["state_dict"][k]) for k in full["state_dict"]
+    )
 
 
 def test_training_crop_fits_volumes_and_divisibility(pairs):
@@ -339,3 +419,127 @@ def test_train_step_rejects_missing_statistics(tmp_path, restore_threads):
         plate["A/1/1"].zattrs["normalization"] = {}
     with pytest.raises(io.InputError, match=r"phase.zarr FOV A/1/1.*Phase3D"):
         run_train_step(tmp_path, model_settings(TINY), phase, fl, FOVS)
+
+
+def test_model_defaults_equal_the_schema_defaults():
+    import yaml
+
+    from vsbench.train import MODEL_DEFAULTS
+
+    schema = yaml.safe_load((STEP.parents[3] / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["models"]["additionalProperties"]["properties"]
+    for key, value in MODEL_DEFAULTS.items():
+        assert props[key]["default"] == value, key
+
+
+# --------------------------------------------------------------------------- kill / signal
+
+
+def start_train_process(root: Path, phase: Path, fl: Path, model: dict):
+    import json
+    import subprocess
+    import sys
+
+    out = root / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    params = {
+        "model": model,
+        "data": [{"dataset": "demo", "phase": str(phase), "fluorescence": str(fl),
+                  "channel": "Nucleus", "train": FOVS[:2], "val": FOVS[2:3]}],
+        "seed": 0,
+        "device": "cpu",
+    }  # fmt: skip
+    (root / "params.json").write_text(json.dumps(params))
+    cmd = [sys.executable, "-m", "vsbench.steps", "train", "--input", f"phase={phase}",
+           "--input", f"fluorescence={fl}", "--output", f"ckpt={out / 'model.ckpt'}",
+           "--output", f"curve={out / 'train_log.csv'}", "--params", str(root / "params.json"),
+           "--log", str(root / "train.log")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
+
+
+def epochs_logged(out: Path) -> int:
+    try:
+        return len(pd.read_csv(out / "train_log.csv"))
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+
+
+def interrupt_mid_epoch(proc, out: Path, sig, after_epochs: int = 2) -> int:
+    """Send `sig` a little after epoch `after_epochs` was logged; return epochs logged then."""
+    import time
+
+    deadline = time.time() + 120
+    while epochs_logged(out) < after_epochs:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.15)  # into the next epoch
+    done = epochs_logged(out)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return done
+
+
+KILL_MODEL = {**TINY, "epochs": 5, "steps_per_epoch": 25, "crop": [4, 16, 16]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    phase, fl = write_plates(root, FOVS)
+    ref, ref_out = start_train_process(root / "ref", phase, fl, KILL_MODEL)
+    assert ref.wait(timeout=300) == 0
+    return phase, fl, ref_out
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_kill_or_sigterm_mid_epoch_costs_at_most_one_epoch(tmp_path, sig, uninterrupted):
+    """A real process killed (kill -9) or asked to stop (SIGTERM, as SLURM does) mid-epoch;
+    the rerun resumes from last.ckpt and ends with the uninterrupted run's weights."""
+    import signal as signal_mod
+
+    phase, fl, ref_out = uninterrupted
+    model = KILL_MODEL
+    proc, out = start_train_process(tmp_path / "run", phase, fl, model)
+    done = interrupt_mid_epoch(proc, out, getattr(signal_mod, sig))
+    if sig == "SIGTERM":
+        assert proc.returncode == 128 + signal_mod.SIGTERM  # stopped at a batch, not killed
+        assert "stopping at the next batch" in (tmp_path / "run" / "train.log").read_text()
+    else:
+        assert proc.returncode == -signal_mod.SIGKILL
+    assert not (out / "model.ckpt").exists()  # nothing final was written
+    state = torch.load(out / "last.ckpt", weights_only=True)
+    assert state["epoch"] == done - 1  # the last complete epoch
+    rerun, _ = start_train_process(tmp_path / "run", phase, fl, model)
+    assert rerun.wait(timeout=300) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"resuming from {out / 'last.ckpt'} after epoch {done - 1}" in log
+    # at most one epoch lost: only the interrupted one is trained again
+    a = torch.load(ref_out / "model.ckpt", weights_only=True)
+    b = torch.load(out / "model.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    curve_a, curve_b = pd.read_csv(ref_out / "train_log.csv"), pd.read_csv(out / "train_log.csv")
+    np.testing.assert_allclose(curve_a.val_loss, curve_b.val_loss, rtol=1e-6)
+
+
+def test_distributed_plan_and_rank_zero():
+    from vsbench.train import distributed_plan, is_global_zero
+
+    assert distributed_plan("cpu")["strategy"] == "auto"
+    plan = distributed_plan("cuda", "auto", environ={}, n_cuda=4)
+    assert plan == {"accelerator": "gpu", "devices": 4, "strategy": "ddp", "cluster": "default"}
+    assert distributed_plan("cuda", 1, environ={}, n_cuda=4)["strategy"] == "auto"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "4"}
+    assert distributed_plan("cuda", "auto", environ=slurm, n_cuda=4)["cluster"] == "slurm"
+    one_task = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}
+    assert distributed_plan("cuda", "auto", environ=one_task, n_cuda=4)["cluster"] == "lightning"
+    with pytest.raises(io.InputError, match="tasks per node for 4 GPU"):
+        distributed_plan("cuda", "auto", environ={**slurm, "SLURM_NTASKS_PER_NODE": "2"}, n_cuda=4)
+    with pytest.raises(io.InputError, match="sees 2 GPU"):
+        distributed_plan("cuda", 4, environ={}, n_cuda=2)
+    assert distributed_plan("cuda:1", environ={}, n_cuda=2)["devices"] == [1]
+    assert is_global_zero({}) and is_global_zero({"SLURM_PROCID": "0", "LOCAL_RANK": "0"})
+    assert not is_global_zero({"SLURM_PROCID": "0", "LOCAL_RANK": "2"})
+    assert not is_global_zero({"RANK": "3"})

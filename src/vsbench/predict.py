@@ -16,7 +16,7 @@ import torch
 
 from vsbench.io import InputError
 from vsbench.models import build_model
-from vsbench.tiling import blend_weights, tile_origins
+from vsbench.tiling import blend_weights, tile_origins, tile_starts
 from vsbench.train import CHECKPOINT_FORMAT
 
 REQUIRED_KEYS = ("format", "arch", "model_config", "state_dict")
@@ -75,38 +75,50 @@ def predict_volume(
     overlap: float = 0.25,
     batch_size: int = 4,
     device: str = "cpu",
+    tile_z: int | None = None,
+    z_overlap: float = 0.5,
+    weights: str = "tent",
 ) -> np.ndarray:
-    """Predict one normalized (Z, Y, X) volume by overlapping YX tiles over the whole Z.
+    """Predict one normalized (Z, Y, X) volume by overlapping 3D windows.
 
-    Z is edge-padded to the model's divisibility and cropped back; tiles are
-    batched; the accumulator has the model's output channels. Returns (Z, Y, X)
-    for a one-channel model, (C, Z, Y, X) otherwise.
+    Windows are `tile_z` slices (default: the model's own `z_window` if it has one, else
+    the whole stack) by `tile_yx`², overlapping by `z_overlap` / `overlap`, blended with
+    separable tent or Gaussian weights (`vsbench.tiling`). A window shallower than the
+    model's Z divisibility is edge-padded and cropped back; windows are batched, so memory
+    is bounded by the batch (plus the output). The accumulator has the model's output
+    channels. Returns (Z, Y, X) for a one-channel model, (C, Z, Y, X) otherwise.
     """
     if zyx.ndim != 3:
         raise InputError(f"predict_volume expects a (Z, Y, X) volume, got shape {zyx.shape}")
     model.eval()
     Z, Y, X = zyx.shape
     dz = _divisibility(model)[0]
+    tz = min(int(tile_z or getattr(model, "z_window", 0) or Z), Z)
     x = torch.from_numpy(np.ascontiguousarray(zyx, dtype=np.float32)).to(device)
-    pad_z = (-Z) % dz
-    if pad_z:
-        x = torch.nn.functional.pad(x[None, None], (0, 0, 0, 0, 0, pad_z), mode="replicate")[0, 0]
     ty, tx = min(int(tile_yx), Y), min(int(tile_yx), X)
-    origins = tile_origins((Y, X), tile_yx, overlap)
-    w = torch.from_numpy(blend_weights(ty, tx)).to(device)
-    weight_sum = torch.zeros((Y, X), dtype=torch.float32, device=device)
+    origins = [
+        (z0, y0, x0)
+        for z0 in tile_starts(Z, tz, z_overlap)
+        for y0, x0 in tile_origins((Y, X), tile_yx, overlap)
+    ]
+    w = torch.from_numpy(blend_weights(tz, ty, tx, kind=weights)).to(device)
+    weight_sum = torch.zeros((Z, Y, X), dtype=torch.float32, device=device)
+    pad_z = (-tz) % dz
     out = None
     use_bf16 = torch.device(device).type == "cuda"
     for i in range(0, len(origins), batch_size):
         chunk = origins[i : i + batch_size]
-        batch = torch.stack([x[:, y0 : y0 + ty, x0 : x0 + tx] for y0, x0 in chunk])[:, None]
+        batch = torch.stack([x[z0 : z0 + tz, y0 : y0 + ty, x0 : x0 + tx] for z0, y0, x0 in chunk])
+        batch = batch[:, None]
+        if pad_z:
+            batch = torch.nn.functional.pad(batch, (0, 0, 0, 0, 0, pad_z), mode="replicate")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             pred = model(batch)
-        pred = pred.float()[:, :, :Z]
+        pred = pred.float()[:, :, :tz]
         if out is None:
             out = torch.zeros((pred.shape[1], Z, Y, X), dtype=torch.float32, device=device)
-        for p, (y0, x0) in zip(pred, chunk, strict=True):
-            out[:, :, y0 : y0 + ty, x0 : x0 + tx] += p * w
-            weight_sum[y0 : y0 + ty, x0 : x0 + tx] += w
+        for p, (z0, y0, x0) in zip(pred, chunk, strict=True):
+            out[:, z0 : z0 + tz, y0 : y0 + ty, x0 : x0 + tx] += p * w
+            weight_sum[z0 : z0 + tz, y0 : y0 + ty, x0 : x0 + tx] += w
     out = (out / weight_sum).cpu().numpy()
     return out[0] if out.shape[0] == 1 else out

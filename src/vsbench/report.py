@@ -498,11 +498,37 @@ def panel_figure(
     return fig
 
 
+def _has_gan_losses(df) -> bool:
+    return (
+        df is not None
+        and {"d_loss", "g_loss"} <= set(df.columns)
+        and pd.to_numeric(df["d_loss"], errors="coerce").notna().any()
+    )
+
+
 def curves_figure(curves: Mapping[str, pd.DataFrame], title: str = ""):
-    """Train (solid) and validation (dashed) loss per epoch, one colour per model."""
-    fig, axes = _figure(1, 1, (6.4, 4.0))
+    """Train (solid) and validation (dashed) loss per epoch, one colour per model; a second
+    panel shows the discriminator / generator losses of adversarial models."""
+    gan = {k: df for k, df in curves.items() if _has_gan_losses(df)}
+    fig, axes = _figure(1, 2 if gan else 1, (11.0 if gan else 6.4, 4.0))
     ax = axes[0, 0]
     from matplotlib.ticker import MaxNLocator
+
+    if gan:
+        gax = axes[0, 1]
+        g2 = gax.twinx()
+        for k, (label, df) in enumerate(gan.items()):
+            epoch = pd.to_numeric(df["epoch"], errors="coerce")
+            d, g = (pd.to_numeric(df[c], errors="coerce") for c in ("d_loss", "g_loss"))
+            gax.plot(epoch, d, "-o", ms=3, color=f"C{k}", label=f"{label}: D (LSGAN)")
+            g2.plot(epoch, g, "--s", ms=3, color=f"C{k}", label=f"{label}: G (LSGAN + λ·L1)")
+        gax.set_xlabel("epoch")
+        gax.set_ylabel("discriminator loss (0.25 = undecided)")
+        g2.set_ylabel("generator loss")
+        gax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        gax.set_title("adversarial losses")
+        gax.legend(fontsize="small", loc="upper left")
+        g2.legend(fontsize="small", loc="upper right")
 
     drawn = 0
     positive = True

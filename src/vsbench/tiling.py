@@ -36,9 +36,26 @@ def tent(n: int) -> np.ndarray:
     return w / w.max()
 
 
-def blend_weights(tile_y: int, tile_x: int) -> np.ndarray:
-    """Separable pyramid weights (Y, X) for one tile."""
-    return np.outer(tent(tile_y), tent(tile_x)).astype(np.float32)
+WEIGHTS = ("tent", "gaussian")
+
+
+def gaussian(n: int, sigma_fraction: float = 0.125) -> np.ndarray:
+    """1-D Gaussian weights, σ = n/8 (nnU-Net's choice), peak 1, floored at 1e-3 (never zero)."""
+    i = np.arange(n, dtype=np.float64)
+    sigma = max(n * sigma_fraction, 1e-6)
+    w = np.exp(-0.5 * ((i - (n - 1) / 2) / sigma) ** 2)
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+
+
+def blend_weights(*sizes: int, kind: str = "tent") -> np.ndarray:
+    """Separable weights for one tile of shape `sizes` (any number of axes): tent or gaussian."""
+    if kind not in WEIGHTS:
+        raise ValueError(f"blend weights must be one of {WEIGHTS}, got {kind!r}")
+    one_d = tent if kind == "tent" else gaussian
+    w = np.ones((), dtype=np.float32)
+    for n in sizes:
+        w = np.multiply.outer(w, one_d(int(n)))
+    return w.astype(np.float32)
 
 
 def blend(tiles, origins, yx_shape) -> np.ndarray:

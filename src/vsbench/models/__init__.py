@@ -75,9 +75,11 @@ def describe(arch: str, settings: Mapping, input_shape=None) -> dict:
     shape = tuple(input_shape or (1, 1, *settings["crop"]))
     with torch.no_grad():
         out = model(torch.zeros(shape))
+    disc = getattr(model, "discriminator", None)
     return {
         "arch": arch,
         "params": sum(p.numel() for p in model.parameters()),
+        "discriminator_params": sum(p.numel() for p in disc.parameters()) if disc else 0,
         "input": shape,
         "output": tuple(out.shape),
         "divisibility": tuple(getattr(model, "divisibility", (1, 1, 1))),

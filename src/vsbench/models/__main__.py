@@ -15,8 +15,10 @@ def table(settings: dict) -> str:
     for arch in ARCHS:
         d = describe(arch, settings)
         shape = lambda t: "×".join(map(str, t))  # noqa: E731
+        n_d = d["discriminator_params"]
+        params = f"{d['params'] - n_d:,} + {n_d:,} (D)" if n_d else f"{d['params']:,}"
         rows.append(
-            f"| {arch} | {d['params']:,} | {shape(d['input'])} | {shape(d['output'])} "
+            f"| {arch} | {params} | {shape(d['input'])} | {shape(d['output'])} "
             f"| {shape(d['divisibility'])} |"
         )
     return "\n".join(rows)
@@ -32,11 +34,6 @@ def main(argv=None) -> None:
     settings = {"base_channels": args.base_channels, "depth": args.depth, "crop": args.crop}
     print(f"settings: {settings}")
     print(table(settings))
-    from vsbench.models.pix2pix3d import MultiScaleDiscriminator3D
-
-    disc = MultiScaleDiscriminator3D()
-    n = sum(p.numel() for p in disc.parameters())
-    print(f"\npix2pix3d discriminator (2 scales, 3 layers, 16 base channels): {n:,} params")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""pix2pix3d building blocks: a multi-scale 3D PatchGAN discriminator and the LSGAN + λ·L1
-objective (Isola et al. 2017; LSGAN, Mao et al. 2017; multi-scale D as in pix2pixHD).
+"""pix2pix3d: a generative baseline — a registered generator (unet3d or unext2) and a
+multi-scale 3D PatchGAN discriminator trained with LSGAN + λ·L1 (Isola et al. 2017; LSGAN,
+Mao et al. 2017; multi-scale D as in pix2pixHD).
 
-Not registered as an architecture yet: it needs the manual-optimisation
-training loop (alternating G/D steps, D learning rate = G / 10), and a
-registered arch would otherwise be trained by the plain regression loop. The
-generator is any registered architecture (`Pix2Pix3D.generator`), so once the
-loop exists a checkpoint can store only the generator and predict as that arch.
+`adversarial = True` tells the trainer to use its manual-optimisation loop: per batch one
+discriminator step, then one generator step, with the discriminator's learning rate a tenth
+of the generator's (TTUR). The checkpoint holds both networks; prediction (`forward`) is the
+generator alone, and validation scores it with the model's configured loss like any other
+architecture.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vsbench.models._registry import REGISTRY, register
 
 L1_WEIGHT = 100.0
 D_LR_FRACTION = 0.1  # TTUR: discriminator lr = generator lr / 10
@@ -62,16 +65,21 @@ class MultiScaleDiscriminator3D(nn.Module):
         super().__init__()
         if min(base_channels, n_layers, num_scales) < 1:
             raise ValueError("discriminator sizes must all be >= 1")
+        self.n_layers = n_layers
         self.scales = nn.ModuleList(
             PatchDiscriminator3D(in_channels, base_channels, n_layers) for _ in range(num_scales)
         )
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+        """Logits per scale; a scale whose Y/X would fall below 2^(layers+1) is skipped
+        (its patches would cover more than the crop)."""
         x = torch.cat([source, target], dim=1)
         out = []
         for i, d in enumerate(self.scales):
             if i:
                 x = _down_yx(x)
+            if i and min(x.shape[-2:]) < 2 ** (self.n_layers + 1):
+                break
             out.append(d(x))
         return out
 
@@ -96,8 +104,28 @@ def generator_loss(
     return lsgan_loss(d_fake, True) + l1_weight * F.l1_loss(fake.float(), target.float())
 
 
+GENERATORS = ("unet3d", "unext2")
+
+
+def pix2pix3d_config(settings: Mapping) -> dict:
+    generator = str(settings.get("generator", "unet3d"))
+    if generator not in GENERATORS:
+        raise ValueError(f"pix2pix3d generator must be one of {GENERATORS}, got {generator!r}")
+    return {
+        "generator_arch": generator,
+        "generator_config": REGISTRY[generator].config({**settings, "arch": generator}),
+        "disc_base_channels": int(settings.get("disc_base_channels", 16)),
+        "disc_layers": 3,
+        "disc_scales": 2,
+        "l1_weight": float(settings.get("l1_weight", L1_WEIGHT)),
+    }
+
+
+@register("pix2pix3d", config=pix2pix3d_config)
 class Pix2Pix3D(nn.Module):
     """A registered generator plus the multi-scale discriminator; forward = the generator."""
+
+    adversarial = True
 
     def __init__(
         self,
@@ -106,12 +134,19 @@ class Pix2Pix3D(nn.Module):
         disc_base_channels: int = 16,
         disc_layers: int = 3,
         disc_scales: int = 2,
+        l1_weight: float = L1_WEIGHT,
     ):
         super().__init__()
         from vsbench.models import build_model
 
+        if generator_arch not in GENERATORS:
+            raise ValueError(
+                f"pix2pix3d generator must be one of {GENERATORS}, got {generator_arch!r}"
+            )
+        self.l1_weight = float(l1_weight)
         self.generator = build_model(generator_arch, dict(generator_config or {}))
         self.divisibility = tuple(getattr(self.generator, "divisibility", (1, 1, 1)))
+        self.z_window = getattr(self.generator, "z_window", None)
         self.out_channels = int(getattr(self.generator, "out_channels", 1))
         in_ch = int(getattr(self.generator, "in_channels", 1)) + self.out_channels
         self.discriminator = MultiScaleDiscriminator3D(

@@ -5,6 +5,8 @@ the output stays in the normalized target space (downstream metrics are
 affine-invariant).
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from vsbench import io
@@ -19,12 +21,25 @@ phase_path = str(snakemake.input.phase)
 out_path = str(snakemake.output.store)
 target = str(snakemake.params.target)
 fovs = list(snakemake.params.fovs)
-settings = {"tile_yx": 64, "overlap": 0.25, "batch_size": 4, **dict(snakemake.params.settings)}
+settings = {
+    "tile_yx": 64,
+    "overlap": 0.25,
+    "tile_z": None,
+    "z_overlap": 0.5,
+    "weights": "tent",
+    "batch_size": 4,
+    "overwrite": False,
+    **dict(snakemake.params.settings),
+}
 device = resolve_device(str(snakemake.params.device))
 
 if not fovs:
     raise io.InputError(f"{phase_path}: no FOVs to predict (empty predict split)")
-model, meta = load_model(ckpt_path, device)
+if Path(out_path).exists() and any(Path(out_path).iterdir()) and not settings["overwrite"]:
+    raise io.InputError(
+        f"{out_path}: a prediction store exists; set predict.overwrite: true to replace it"
+    )
+model, meta = load_model(ckpt_path, device)  # a missing or placeholder file fails here
 if meta.get("target") not in (None, target):
     raise io.InputError(
         f"{ckpt_path}: checkpoint was trained for target {meta['target']!r}, not {target!r}"
@@ -66,6 +81,9 @@ with io.open_plate(phase_path) as phase:
                     overlap=float(settings["overlap"]),
                     batch_size=int(settings["batch_size"]),
                     device=device,
+                    tile_z=settings["tile_z"],
+                    z_overlap=float(settings["z_overlap"]),
+                    weights=str(settings["weights"]),
                 )
                 if pred.shape != (Z, Y, X):
                     raise RuntimeError(f"{where}: prediction shape {pred.shape} != {(Z, Y, X)}")

@@ -1,24 +1,28 @@
 """train: fit one model on a train set; best checkpoint + training curve (+ last.ckpt for resume).
 
 Source = Phase3D from phase.zarr, target = the target's fluorescence channel from
-preprocessed.zarr, each normalized per FOV with its own fov_statistics
-(median/IQR). Predictions therefore live in the normalized target space.
+preprocessed.zarr, each normalized per FOV with its own fov_statistics (the model's
+input_norm / target_norm, median/IQR by default). Predictions therefore live in the
+normalized target space. SIGTERM/SIGUSR1 stop training at the next batch; last.ckpt then
+holds the last complete epoch and the job exits with 128 + the signal number.
 """
 
 import logging
+import signal
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from vsbench import io
-from vsbench.preprocess import normalize
 from vsbench.steps import resolve_device, setup, torch_threads
 from vsbench.train import (
     LOG_COLUMNS,
+    TrainingInterrupted,
     checkpoint,
     evaluate_identity,
+    is_global_zero,
+    load_split,
     model_settings,
     resume_key,
     train_model,
@@ -35,41 +39,20 @@ data = [dict(d) for d in snakemake.params.data]
 seed = int(snakemake.params.seed)
 device = resolve_device(str(snakemake.params.device))
 target = getattr(getattr(snakemake, "wildcards", None), "target", None)
-NORM = "median_iqr"
+
+# SLURM sends SIGTERM (or SIGUSR1 with --signal) before a preemption or the time limit:
+# finish the current batch, keep last.ckpt at the last complete epoch, exit non-zero so
+# Snakemake's retry (or a rerun) resumes from it.
+stop_requested: list[int] = []
 
 
-def fov_stats(pos, channel: str, where: str) -> dict:
-    try:
-        return io.channel_statistics(pos, channel)["fov_statistics"]
-    except (io.InputError, KeyError) as exc:
-        raise io.InputError(f"{where}: no fov_statistics for channel {channel!r} ({exc})") from exc
+def request_stop(signum, _frame) -> None:
+    log.warning("received %s: stopping at the next batch", signal.Signals(signum).name)
+    stop_requested.append(signum)
 
 
-def load_pairs(entry: dict, split: str) -> list:
-    """Normalized (phase, fluorescence) (T, Z, Y, X) pairs of one dataset's split."""
-    pairs = []
-    with io.open_plate(entry["phase"]) as phase, io.open_plate(entry["fluorescence"]) as fl:
-        for fov in entry[split]:
-            where_p = f"{entry['phase']} FOV {fov}"
-            where_f = f"{entry['fluorescence']} FOV {fov}"
-            p_pos = io.position(phase, fov, entry["phase"])
-            f_pos = io.position(fl, fov, entry["fluorescence"])
-            src = io.read_channel(p_pos, "Phase3D", where_p)
-            tgt = io.read_channel(f_pos, entry["channel"], where_f)
-            if src.shape != tgt.shape:
-                raise io.InputError(
-                    f"{where_p}: Phase3D shape {src.shape} differs from {entry['channel']} "
-                    f"{tgt.shape} in {entry['fluorescence']}"
-                )
-            src = normalize(src.astype(np.float32), fov_stats(p_pos, "Phase3D", where_p), NORM)
-            tgt = normalize(
-                tgt.astype(np.float32), fov_stats(f_pos, entry["channel"], where_f), NORM
-            )
-            for arr, what in ((src, where_p), (tgt, where_f)):
-                if not np.isfinite(arr).all():
-                    raise io.InputError(f"{what}: non-finite values after normalization")
-            pairs.append((np.ascontiguousarray(src, np.float32), np.ascontiguousarray(tgt)))
-    return pairs
+for _sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_sig, request_stop)
 
 
 def save(obj: dict, path: Path) -> None:
@@ -85,8 +68,9 @@ for entry in data:
     for split in ("train", "val"):
         if not entry.get(split):
             raise io.InputError(f"dataset {entry.get('dataset')!r}: the {split} split is empty")
-train_pairs = [p for entry in data for p in load_pairs(entry, "train")]
-val_pairs = [p for entry in data for p in load_pairs(entry, "val")]
+norms = (settings["input_norm"], settings["target_norm"])
+train_pairs = [p for entry in data for p in load_split(entry, "train", *norms)]
+val_pairs = [p for entry in data for p in load_split(entry, "val", *norms)]
 log.info(
     "model %s: %d train / %d val FOVs, device %s, %d threads",
     settings["arch"],
@@ -128,27 +112,38 @@ else:
         save(state, last_path)
         write_curve(state["history"])
         h = state["history"][-1]
+        gan = f" D {h['d_loss']:.4f} G {h['g_loss']:.4f}" if h["d_loss"] == h["d_loss"] else ""
         log.info(
-            "epoch %d/%d: train_loss %.5f val_loss %.5f lr %.2e (%.1f s)",
+            "epoch %d/%d: train_loss %.5f val_loss %.5f lr %.2e (%.1f s)%s",
             h["epoch"] + 1,
             settings["epochs"],
             h["train_loss"],
             h["val_loss"],
             h["lr"],
             h["wall_s"],
+            gan,
         )
 
-    final = train_model(
-        train_pairs,
-        val_pairs,
-        settings,
-        seed,
-        device,
-        resume=resume,
-        on_epoch_end=on_epoch_end,
-        root_dir=str(ckpt_path.parent),
-        extra={**extra, "resume_key": key},
-    )
+    try:
+        final = train_model(
+            train_pairs,
+            val_pairs,
+            settings,
+            seed,
+            device,
+            resume=resume,
+            on_epoch_end=on_epoch_end,
+            should_stop=lambda: bool(stop_requested),
+            root_dir=str(ckpt_path.parent),
+            extra={**extra, "resume_key": key},
+        )
+    except TrainingInterrupted as exc:
+        log.error("%s (%s)", exc, last_path)
+        raise SystemExit(128 + stop_requested[0]) from exc
+    if final.get("stopped_early"):
+        log.info("early stop: no progress for %d epochs", settings["patience"])
+    if not is_global_zero():  # DDP: rank 0 writes the outputs
+        raise SystemExit(0)
     best = final["best"]
     save(
         checkpoint(settings, best["state_dict"], best["epoch"], best["val_loss"], **extra),
