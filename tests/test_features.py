@@ -77,6 +77,46 @@ def test_gradient_and_laplacian_on_a_ramp():
     assert flat["gradient_mean"] == 0 and flat["laplacian_var"] == 0
 
 
+def test_glcm_matches_skimage_and_masks_out_the_background():
+    from skimage.feature import graycomatrix, graycoprops
+
+    from vsbench.features import GLCM_PROPS, TEXTURE_FEATURES, glcm_features
+
+    rng = np.random.default_rng(1)
+    image = rng.random((24, 30))
+    full = glcm_features(image, np.ones(image.shape, bool))
+    q = np.clip(np.floor(image * 32), 0, 31).astype(np.uint8)
+    ref = graycomatrix(q, [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=32,
+                       symmetric=True, normed=True)  # fmt: skip
+    for name, prop in zip(TEXTURE_FEATURES, GLCM_PROPS, strict=True):
+        assert full[name] == pytest.approx(float(graycoprops(ref, prop).mean()), rel=1e-12)
+    # outside pixels do not count: noise around the cell changes nothing
+    mask = np.zeros(image.shape, bool)
+    mask[5:15, 8:20] = True
+    noisy = np.where(mask, image, rng.random(image.shape))
+    assert glcm_features(noisy, mask) == glcm_features(image, mask)
+    stripes = np.tile([0.1, 0.9], (10, 5))  # alternating columns: high contrast along x
+    smooth = np.full((10, 10), 0.5)
+    ones = np.ones((10, 10), bool)
+    assert glcm_features(stripes, ones)["glcm_contrast"] > 100
+    assert glcm_features(smooth, ones)["glcm_contrast"] == 0.0
+    assert glcm_features(smooth, ones)["glcm_asm"] == pytest.approx(1.0)
+    lone = np.zeros((5, 5), bool)
+    lone[2, 2] = True  # one pixel: no pair inside
+    assert set(glcm_features(image[:5, :5], lone).values()) == {0.0}
+
+
+def test_cell_features_include_the_central_slice_texture():
+    image, labels = hand_built()
+    row = cell_features(image / 8.0, labels).iloc[0]  # cell 3: slices 1-2, centroid z 1.5
+    from vsbench.features import glcm_features
+
+    z = int(np.rint(1.5))
+    expected = glcm_features((image / 8.0)[z, 1:3, 1:3], labels[z, 1:3, 1:3] == 3)
+    assert row["area"] == 4
+    assert row["glcm_contrast"] == pytest.approx(expected["glcm_contrast"])
+
+
 def test_no_cells_gives_empty_table_with_columns():
     df = cell_features(np.ones((2, 4, 4)), np.zeros((2, 4, 4), np.int32))
     assert len(df) == 0 and list(df.columns) == ["cell_id", *FEATURES]

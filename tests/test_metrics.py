@@ -82,6 +82,38 @@ def test_identical_and_constant_volumes():
         M.pcc(np.zeros((2, 3, 3)), np.zeros((2, 3, 4)))
 
 
+@pytest.mark.parametrize(("shape", "seed"), PAIRS)
+@pytest.mark.parametrize("spacing", [(2.0, 0.325, 0.325), (0.25, 0.1, 0.1)])
+def test_spectral_pcc_matches_cubic(shape, seed, spacing):
+    from cubic.metrics import spectral_pcc
+
+    gt, pred = pair(shape, seed, noise=1.0)
+    ours = M.spectral_pcc(gt, pred, spacing)
+    assert ours == pytest.approx(spectral_pcc(pred, gt, spacing=spacing), abs=1e-4)
+    assert M.spectral_pcc(gt, gt, spacing) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_per_cell_pcc_matches_a_loop_and_fsc_is_cubics():
+    from cubic.metrics import fsc_resolution
+
+    gt, pred = pair((12, 32, 32), 5)
+    cells = np.zeros(gt.shape, np.int32)
+    cells[:, :16, :16], cells[:, 16:, :20], cells[0, 0, 30] = 1, 2, 3  # cell 3: one voxel
+    got = M.pixel_metrics(gt, pred, cells=cells)
+    per = [np.corrcoef(gt[cells == c], pred[cells == c])[0, 1] for c in (1, 2)]
+    assert got["PerCell_PCC_mean"] == pytest.approx(np.mean(per), abs=1e-12)
+    assert got["PerCell_PCC_median"] == pytest.approx(np.median(per), abs=1e-12)
+    assert math.isnan(M.pixel_metrics(gt, pred, cells=np.zeros_like(cells))["PerCell_PCC_mean"])
+    spacing = (2.0, 0.325, 0.325)
+    full = M.pixel_metrics(gt, pred, spacing=spacing, cells=cells, fsc=True)
+    assert list(full) == M.PIXEL_COLUMNS[2:]  # the CSV contract, in order
+    ref = fsc_resolution(pred, spacing=list(spacing), resample_isotropic=True)
+    assert full["XY_FSC_Resolution"] == pytest.approx(ref["xy"])
+    assert full["Z_FSC_Resolution"] == pytest.approx(ref["z"])
+    flat = M.fsc_resolution(np.ones((4, 16, 16)), spacing)
+    assert all(math.isnan(v) for v in flat)
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -383,11 +415,44 @@ def test_precision_recall_matches_torch_fidelity():
     assert out["Recall"] == pytest.approx(ref["recall"], abs=1e-12)
     assert out["F1"] == pytest.approx(ref["f_score"], abs=1e-12)
     assert out["Recall"] < out["Precision"]  # a narrower prediction covers less of the GT
+    assert out["Precision_std"] == 0.0  # no bootstrap: one evaluation
     same = M.precision_recall(gt, gt)
-    assert same == {"Precision": 1.0, "Recall": 1.0, "F1": pytest.approx(1.0)}
+    assert (same["Precision"], same["Recall"]) == (1.0, 1.0) and same["F1"] == pytest.approx(1.0)
     far = M.precision_recall(gt, gt + 100.0)
     assert far["Precision"] == 0.0 and far["Recall"] == 0.0
     assert all(math.isnan(v) for v in M.precision_recall(gt[:5], pred).values())  # < k + 1
+    # bootstrap: the mean and std over seeded 80 % subsamples, each a torch-fidelity call
+    boot = M.precision_recall(gt, pred, k=5, n_boot=4, seed=3)
+    rng = np.random.default_rng([3, 5])
+    manual = []
+    for _ in range(4):
+        g = gt[rng.choice(70, 56, replace=False)]
+        p = pred[rng.choice(70, 56, replace=False)]
+        manual.append(prc_features_to_metric(torch.from_numpy(p), torch.from_numpy(g),
+                                             prc_neighborhood=5, verbose=False)["precision"])  # fmt: skip
+    assert boot["Precision"] == pytest.approx(np.mean(manual), abs=1e-12)
+    assert (
+        boot["Precision_std"] == pytest.approx(np.std(manual), abs=1e-12)
+        and boot["Precision_std"] > 0
+    )
+    assert boot == M.precision_recall(gt, pred, k=5, n_boot=4, seed=3)  # seeded
+
+
+def test_condition_probe_sees_the_phenotype_and_not_the_fov():
+    rng = np.random.default_rng(11)
+    fovs = np.repeat([f"F{k}" for k in range(6)], 30)
+    cond = np.where(np.isin(fovs, ["F0", "F1", "F2"]), "mock", "denv")
+    pheno = rng.normal(size=(180, 3))
+    pheno[:, 0] += 2.0 * (cond == "denv")  # a swollen-ER-like shift
+    assert M.condition_probe(pheno, cond, fovs) > 0.8  # Bayes AUROC for a 2-sd shift: 0.92
+    erased = pheno.copy()
+    erased[:, 0] = rng.normal(size=180)  # a prediction that lost the phenotype
+    assert abs(M.condition_probe(erased, cond, fovs) - 0.5) < 0.15
+    # a feature that names the FOV but not the condition must not help (folds are FOVs)
+    fov_code = np.column_stack([rng.normal(size=180), (fovs == "F0") * 5.0 + (fovs == "F4") * 5.0])
+    assert M.condition_probe(fov_code, cond, fovs) < 0.75
+    assert math.isnan(M.condition_probe(pheno, np.full(180, "mock"), fovs))
+    assert math.isnan(M.condition_probe(pheno, cond, np.full(180, "F0")))
 
 
 def test_mind_sliced_wasserstein():
@@ -523,6 +588,7 @@ def run_step(repo_root, tmp_path, inputs, fovs, channel="ER", **params):
         pixel=str(tmp_path / "pixel.csv"),
         mask=str(tmp_path / "mask.csv"),
         feature=str(tmp_path / "feature.csv"),
+        timing=str(tmp_path / "eval_timing.csv"),
     )
     ns = types.SimpleNamespace(
         input=types.SimpleNamespace(**{k: str(v) for k, v in inputs.items()}),
@@ -565,6 +631,7 @@ def benchmark_cell(tmp_path, make_plate):
         "prediction": make_plate(tmp_path / "prediction.zarr", pred, ["er_prediction"]),
         "gt_masks": write_int_plate(tmp_path / "gt_masks.zarr", gtm, "mask"),
         "masks": write_int_plate(tmp_path / "masks.zarr", pm, "mask"),
+        "cells": write_int_plate(tmp_path / "cells.zarr", cells, "cells"),
     }
     for name, data, ch in (("gt_features", gt, 1), ("features", pred, 0)):
         frames = []
@@ -583,7 +650,13 @@ def benchmark_cell(tmp_path, make_plate):
 def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
     paths, names, gt, pred, gtm, pm = benchmark_cell
     pixel, mask, feature = run_step(repo_root, tmp_path, paths, names)
-    assert list(pixel.columns) == ["FOV", "Timepoint", "PCC", "SSIM", "NRMSE", "PSNR"]
+    assert list(pixel.columns) == M.PIXEL_COLUMNS
+    assert pixel[["Spectral_PCC", "PerCell_PCC_mean", "PerCell_PCC_median"]].notna().all().all()
+    assert (pixel.XY_FSC_Resolution > 0).all() or pixel.XY_FSC_Resolution.isna().all()
+    timing = pd.read_csv(tmp_path / "eval_timing.csv")
+    assert list(timing.columns) == ["FOV", "Timepoint", "region", "seconds"]
+    assert {"read", "pixel", "fsc", "mask", "features"} <= set(timing.region)
+    assert (timing.seconds >= 0).all()
     # binary 0/1 masks: no instance columns
     assert list(mask.columns) == [
         "FOV",
@@ -603,15 +676,19 @@ def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
         "Timepoint",
         *("n_cells", "CP_FID", "CP_KID", "CP_KID_std", "CP_Median_Cosine_Similarity"),
         *("Dataset_CP_FID", "Dataset_CP_KID", "Dataset_CP_KID_std", "Dataset_CP_Precision"),
-        *("Dataset_CP_Recall", "Dataset_CP_F1", "Dataset_CP_MIND", "Dataset_CP_RealVsPred_AUROC"),
+        *("Dataset_CP_Precision_std", "Dataset_CP_Recall", "Dataset_CP_Recall_std"),
+        *("Dataset_CP_F1", "Dataset_CP_F1_std", "Dataset_CP_MIND"),
+        *("Dataset_CP_Median_Cosine_Similarity", "Dataset_CP_RealVsPred_AUROC"),
         *("Dataset_CP_RealVsPred_AUROC_std", "Dataset_CP_Indistinguishability"),
+        *("Dataset_CP_Condition_AUROC_GT", "Dataset_CP_Condition_AUROC_Pred"),
     ]
     expected = [(f, t) for f in names for t in range(2)]
     for table in (pixel, mask, feature):
         assert list(zip(table.FOV, table.Timepoint, strict=True)) == expected
     row = pixel.iloc[1]
-    ref = M.pixel_metrics(gt["A/1/0"][1, 1], pred["A/1/0"][1, 0])
+    ref = M.pixel_metrics(gt["A/1/0"][1, 1], pred["A/1/0"][1, 0], (2.0, 0.325, 0.325))
     assert row["SSIM"] == pytest.approx(ref["SSIM"]) and row["PCC"] == pytest.approx(ref["PCC"])
+    assert row["Spectral_PCC"] == pytest.approx(ref["Spectral_PCC"])
     assert mask.iloc[0]["TP"] == M.mask_metrics(gtm["A/1/0"][0], pm["A/1/0"][0])["TP"]
     assert math.isnan(mask.iloc[3]["Dice"]) and mask.iloc[3]["Accuracy"] == 1.0  # empty vs empty
     assert feature["n_cells"].tolist() == [6, 6, 6, 6]

@@ -179,6 +179,20 @@ def test_tilt_per_fov_circular_mean_and_wrapped_error():
     assert out.loc[1, "azimuth_error"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_per_condition_and_segment_qc_summaries():
+    pixel = pd.DataFrame({"FOV": ["A/1/0", "A/1/0", "A/2/0", "A/2/0"], "Timepoint": [0, 1, 0, 1],
+                          "PCC": [0.8, 0.6, 0.2, 0.4], "SSIM": [0.5, 0.5, 0.1, 0.3]})  # fmt: skip
+    out = rp.per_condition({("s", "unet", "ps"): pixel}, {"ps": {"A/1/0": "mock", "A/2/0": "denv"}})
+    assert out["condition"].tolist() == ["denv", "mock"]
+    assert out["PCC_mean"].tolist() == pytest.approx([0.3, 0.7])
+    assert out["PCC_std"].tolist() == pytest.approx([0.1, 0.1]) and out["n"].tolist() == [2, 2]
+    assert "Spectral_PCC_mean" not in out  # only the columns the table has
+    unknown = rp.per_condition({("s", "m", "other"): pixel}, {})
+    assert unknown["condition"].tolist() == ["unknown"]
+    qc = rp.segment_qc_summary({"ps": pd.DataFrame({"Dice": [0.8, 0.6], "PQ": [0.5, 0.7]})})
+    assert qc.to_dict("records") == [{"predict_set": "ps", "n": 2, "Dice": 0.7, "PQ": 0.6}]
+
+
 def test_pick_example_prefers_trained_model():
     df = metrics_frame()
     choice = rp.pick_example(df, "ipsc_test")

@@ -342,3 +342,43 @@ def test_step_errors(tmp_path, make_plate, repo_root):
             fovs=["A/1/0"],
             settings=settings,
         )
+
+
+def test_step_segment_qc_against_truth(tmp_path, make_plate, repo_root):
+    """GT masks vs the simulator's true labels: Dice per (FOV, t), PQ for instance targets."""
+    import pandas as pd
+
+    from vsbench import io
+
+    truth = np.zeros((2, 1, 4, 16, 16), np.float32)
+    truth[:, 0, 1:3, 2:6, 2:6], truth[:, 0, 1:3, 9:13, 9:13] = 1, 2  # two nuclei
+    seg_ = truth.copy()
+    seg_[1, 0, 1:3, 9:13, 9:13] = 0  # t=1 misses the second nucleus
+    with io.create_plate(tmp_path / "masks.zarr", ["mask"]) as plate:
+        io.write_fov(plate, "A/1/0", seg_.astype(np.int32), (2.0, 0.325, 0.325))
+    make_plate(tmp_path / "truth.zarr", {"A/1/0": np.concatenate([truth * 0, truth], axis=1)},
+               ["Phase_true", "Nucleus_labels"])  # fmt: skip
+    ns = types.SimpleNamespace(
+        input=types.SimpleNamespace(
+            masks=str(tmp_path / "masks.zarr"), truth=str(tmp_path / "truth.zarr")
+        ),
+        output=types.SimpleNamespace(table=str(tmp_path / "qc.csv")),
+        params=types.SimpleNamespace(fovs=["A/1/0"], truth_channel="Nucleus_labels", instance=True),
+        log=[],
+        threads=1,
+        rule="segment_qc",
+    )
+    runpy.run_path(str(repo_root / "src/vsbench/steps/segment.py"), init_globals={"snakemake": ns})
+    qc = pd.read_csv(tmp_path / "qc.csv")
+    assert list(qc.columns) == ["FOV", "Timepoint", "Dice", "IoU", "Precision", "Recall",
+                                "n_gt", "n_pred", "mAP", "PQ", "SQ", "RQ"]  # fmt: skip
+    assert qc.Dice.tolist() == pytest.approx([1.0, 2 * 32 / (64 + 32)])
+    assert qc.PQ.tolist() == pytest.approx([1.0, 2 / 3])  # RQ = 1 / (1 + 0.5), SQ = 1
+
+
+def test_axial_gate_restores_the_in_focus_extent():
+    from vsbench.segment import axial_gate
+
+    column = np.array([0.1, 0.5, 0.95, 1.0, 0.92, 0.4])[:, None, None] * np.ones((1, 3, 3))
+    assert axial_gate(column, 0.9)[:, 0, 0].tolist() == [False, False, True, True, True, False]
+    assert axial_gate(column, 0.0).all()

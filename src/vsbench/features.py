@@ -14,6 +14,14 @@ Definitions (per cell, over its voxels):
   convention that keeps the feature matrix finite).
 - gradient_mean/std: 3D Sobel gradient magnitude (pixel units, Z not
   rescaled); laplacian_var: variance of the 3D discrete Laplacian.
+- area: the cell's pixel count on its central slice (round(centroid_z)).
+- glcm_*: grey-level co-occurrence texture of the cell on its central slice:
+  the [0, 1] image quantized to 32 levels (floor(32·x), clipped), pixels outside
+  the cell excluded (pairs touching them dropped), distance 1, angles 0°, 45°,
+  90°, 135°, symmetric, each angle's matrix normalized, skimage's graycoprops
+  (contrast, dissimilarity, homogeneity, ASM, energy, correlation, entropy)
+  averaged over the angles. A cell with no pixel pair inside gets 0 (the
+  convention that keeps the matrix finite).
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ID_COLUMNS = ("fov", "t", "cell_id", "condition")
-SHAPE_FEATURES = ("volume", "centroid_z", "centroid_y", "centroid_x")
+SHAPE_FEATURES = ("volume", "area", "centroid_z", "centroid_y", "centroid_x")
+GLCM_LEVELS = 32
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "ASM", "energy", "correlation", "entropy")
+TEXTURE_FEATURES = tuple(f"glcm_{p.lower()}" for p in GLCM_PROPS)
 PERCENTILES = (10, 25, 50, 75, 90)
 INTENSITY_FEATURES = (
     "mean",
@@ -41,7 +52,28 @@ INTENSITY_FEATURES = (
     "gradient_std",
     "laplacian_var",
 )
-FEATURES = (*SHAPE_FEATURES, *INTENSITY_FEATURES)
+# what the image determines (GT and prediction differ in these); shape comes from the labels
+IMAGE_FEATURES = (*INTENSITY_FEATURES, *TEXTURE_FEATURES)
+FEATURES = (*SHAPE_FEATURES, *IMAGE_FEATURES)
+
+
+def glcm_features(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """GLCM texture of the pixels of a 2D `mask` in a [0, 1] `image` (see the module doc)."""
+    from skimage.feature import graycomatrix, graycoprops
+
+    q = np.clip(np.floor(np.asarray(image, dtype=np.float64) * GLCM_LEVELS), 0, GLCM_LEVELS - 1)
+    q = np.where(mask, q.astype(np.uint8) + 1, 0).astype(np.uint8)  # 0 = outside the cell
+    angles = [0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    counts = graycomatrix(q, [1], angles, levels=GLCM_LEVELS + 1, symmetric=True)
+    inside = counts[1:, 1:].astype(np.float64)
+    totals = inside.sum(axis=(0, 1), keepdims=True)
+    if not (totals > 0).all():
+        return dict.fromkeys(TEXTURE_FEATURES, 0.0)
+    p = inside / totals
+    return {
+        name: float(graycoprops(p, prop).mean())
+        for name, prop in zip(TEXTURE_FEATURES, GLCM_PROPS, strict=True)
+    }
 
 
 def cell_features(image: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
@@ -107,4 +139,15 @@ def cell_features(image: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     lap = ndi.laplace(image, mode="nearest").ravel()[order]
     lap_mean = grouped_mean(lap)
     out["laplacian_var"] = grouped_mean((lap - np.repeat(lap_mean, counts)) ** 2)
+
+    boxes = ndi.find_objects(labels)
+    texture, area = [], []
+    for cell_id, zc in zip(ids, np.rint(out["centroid_z"]).astype(int), strict=True):
+        box = boxes[int(cell_id) - 1]
+        mask = labels[zc][box[1:]] == cell_id
+        area.append(float(mask.sum()))
+        texture.append(glcm_features(image[zc][box[1:]], mask))
+    out["area"] = np.asarray(area)
+    for name in TEXTURE_FEATURES:
+        out[name] = np.array([t[name] for t in texture])
     return pd.DataFrame(out, columns=columns)

@@ -18,6 +18,17 @@ Definitions (the reference implementation each is parity-tested against):
 - PSNR: 10·log10(1 / MSE) on the min–max scaled pair
   (skimage.metrics.peak_signal_noise_ratio(gt', pred', data_range=1));
   +inf for identical volumes.
+- Spectral_PCC: cubic.metrics.spectral_pcc(prediction, target) (parity-tested):
+  both volumes mean-subtracted and Tukey-apodized (α 0.1, separable), Fourier
+  transformed; weights per radial bin of the *target's* raw power spectrum
+  (cubic's bins: one step of the finest frequency spacing, up to the lowest
+  Nyquist, physical units), w = max(P − noise, 0) / max, noise = mean power of
+  the top 20 % bins; r = Σ W Re(Fp F̄t) / √(Σ W|Fp|² Σ W|Ft|²), clipped.
+- XY_FSC_Resolution / Z_FSC_Resolution: the prediction's resolution (µm) from
+  cubic.metrics.fsc_resolution (single image, checkerboard split, 1/7
+  threshold) after resampling to isotropic voxels; NaN when no crossing.
+- PerCell_PCC_mean / _median: PCC inside each cell label (shared cell labels,
+  >= 3 voxels, non-constant on both sides); NaN without such a cell.
 - masks: foreground = label > 0. Dice = 2TP/(2TP+FP+FN), IoU = TP/(TP+FP+FN),
   precision = TP/(TP+FP), recall = TP/(TP+FN), accuracy = (TP+TN)/N. A ratio
   whose denominator is 0 is NaN (e.g. Dice and IoU when both masks are
@@ -47,7 +58,9 @@ Definitions (the reference implementation each is parity-tested against):
 - precision / recall / F1: torch-fidelity's prc_features_to_metric with k = 5
   (prediction = "generated", GT = "real"): precision = share of prediction
   rows inside some GT row's k-NN ball, recall = share of GT rows inside some
-  prediction row's ball; F1 their harmonic mean. NaN below k + 1 rows per side.
+  prediction row's ball; F1 their harmonic mean. Dataset level: mean and std
+  (_std) over 10 seeded subsamples of 80 % of each side (without replacement:
+  a duplicated row would shrink the k-NN balls). NaN below k + 1 rows per side.
 - MIND: sliced Wasserstein-1 distance, the mean over P = 128 random unit
   directions (seeded, isotropic Gaussian draws normalised) of the 1-D
   Wasserstein-1 distance between the projected GT and prediction rows
@@ -62,19 +75,34 @@ Definitions (the reference implementation each is parity-tested against):
   on the training rows only; AUROC (rank-sum formula, = sklearn roc_auc_score)
   on the held-out rows; mean and std over folds; Indistinguishability =
   1 − 2|AUROC − 0.5| (1: the probe cannot tell them apart). NaN with fewer
-  than two FOVs. sklearn itself is only used by the parity tests: importing it
+  than two FOVs.
+- condition probe (beyond the reference): does the prediction keep the phenotype the
+  GT shows? The same linear probe telling mock cells from the other conditions
+  (denv, zikv), trained and scored on GT features (Condition_AUROC_GT) and, apart,
+  on the prediction's features of the same cells (Condition_AUROC_Pred); folds of
+  whole FOVs, stratified so each test fold holds both classes, AUROC within each
+  fold, averaged; NaN with one condition or fewer than two FOVs of either. A
+  prediction that erases the phenotype falls towards 0.5 while the GT stays high.
+  sklearn itself is only used by the parity tests: importing it
   (and scipy.stats) costs ~1 s per metrics job.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 # CSV contracts of the metrics rule: pixel.csv and mask.csv, one row per (FOV, t)
-PIXEL_COLUMNS = ["FOV", "Timepoint", "PCC", "SSIM", "NRMSE", "PSNR"]
+PIXEL_COLUMNS = [
+    "FOV",
+    "Timepoint",
+    *("PCC", "SSIM", "NRMSE", "PSNR", "Spectral_PCC", "XY_FSC_Resolution", "Z_FSC_Resolution"),
+    *("PerCell_PCC_mean", "PerCell_PCC_median"),
+]
 MASK_COLUMNS = [
     "FOV",
     "Timepoint",
@@ -123,56 +151,287 @@ def pcc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.dot(da, db) / denom, -1.0, 1.0))
 
 
+def _torch_pair(a, b, device, dtype=None):
+    import torch
+
+    dev = torch.device(device)
+    dtype = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
+    x = torch.as_tensor(np.asarray(a), device=dev).to(dtype)
+    y = torch.as_tensor(np.asarray(b), device=dev).to(dtype)
+    if x.shape != y.shape:
+        raise ValueError(
+            f"shape mismatch: ground truth {tuple(x.shape)} vs prediction {tuple(y.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError("empty volume")
+    return x, y
+
+
+def _minmax_t(x):
+    import torch
+
+    lo, hi = x.min(), x.max()
+    span = hi - lo
+    return torch.where(
+        span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x)
+    )
+
+
+def _reflect_index(n: int, r: int, device):
+    """scipy.ndimage 'reflect' (d c b a | a b c d | d c b a) padding indices, any r."""
+    import torch
+
+    i = torch.arange(-r, n + r, device=device) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+def gaussian_blur3d(x, sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE, crop=None):
+    """scipy.ndimage.gaussian_filter(mode="reflect") over the last three axes, in torch.
+
+    Separable, as a sum of shifted slices of the reflect-padded array (one fused
+    multiply-add per tap): on a CPU this beats both conv1d and scipy itself. `crop`
+    ((z0, z1), (y0, y1), (x0, x1)) computes only that output block: X first, then Y, each
+    within the block's extent along the axes already blurred, Z last and only for the
+    block's slices (a thin stack's borders are a large share of it).
+    """
+    import torch
+
+    r = int(truncate * sigma + 0.5)
+    taps = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (taps / sigma) ** 2)
+    w /= w.sum()
+    lead = x.ndim - 3
+    crop = crop or tuple((0, n) for n in x.shape[lead:])
+    for axis in (2, 1, 0):
+        lo, hi = crop[axis]
+        dim = lead + axis
+        index = _reflect_index(x.shape[dim], r, x.device)[lo : hi + 2 * r]
+        padded = x.index_select(dim, index)
+        out = torch.zeros_like(padded.narrow(dim, 0, hi - lo))
+        for k, wk in enumerate(w):
+            out.add_(padded.narrow(dim, k, hi - lo), alpha=float(wk))
+        x = out
+    return x
+
+
+def _ssim_t(a, b):
+    """Mean 3D SSIM of two volumes already on [0, 1] (see the module docstring)."""
+    import torch
+
+    a, b = a.float(), b.float()  # float32 blurs: within 1e-6 of float64, twice as fast
+    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+    # the mean skips `radius` voxels at every border: blur only what is averaged
+    crop = tuple((p, n - p) for n in a.shape for p in [min(radius, (n - 1) // 2)])
+    stack = gaussian_blur3d(torch.stack([a, b, a * a, b * b, a * b]), crop=crop)
+    ux, uy, xx, yy, xy = stack.unbind(0)
+    vx, vy, vxy = xx - ux * ux, yy - uy * uy, xy - ux * uy
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return s.mean(dtype=torch.float64)
+
+
+def tukey_1d(n: int, alpha: float = 0.1) -> np.ndarray:
+    """scipy.signal.windows.tukey(n, alpha) (symmetric), as cubic's apodization uses it."""
+    if alpha <= 0 or n <= 1:
+        return np.ones(max(n, 0))
+    if alpha >= 1:
+        return 0.5 * (1 - np.cos(2 * np.pi * np.arange(n) / (n - 1)))
+    width = int(np.floor(alpha * (n - 1) / 2.0))
+    n1 = np.arange(0, width + 1)
+    w1 = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * n1 / alpha / (n - 1))))
+    w2 = np.ones(max((n - width - 1) - (width + 1), 0))
+    n3 = np.arange(n - width - 1, n)
+    w3 = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * n3 / alpha / (n - 1))))
+    return np.concatenate([w1, w2, w3])
+
+
+@functools.lru_cache(maxsize=8)
+def _radial_bins_cached(shape, spacing, device, bin_delta):
+    return _radial_bins(shape, spacing, device, bin_delta)
+
+
+def _radial_bins(shape, spacing, device, bin_delta: float = 1.0):
+    """Per-voxel radial bin id of the unshifted FFT grid (DC = -1), cubic's radial binning:
+    uniform bins of one index step of the finest frequency spacing up to the lowest Nyquist
+    frequency (physical units), overflow clipped into the last bin."""
+    import torch
+
+    step = bin_delta * min(1.0 / (n * sp) for n, sp in zip(shape, spacing, strict=True))
+    kmax = min((n // 2) / (n * sp) for n, sp in zip(shape, spacing, strict=True))
+    nb = max(1, int(np.ceil(kmax / step)))
+    edges = torch.as_tensor(np.linspace(0.0, kmax, nb + 1), dtype=torch.float64, device=device)
+    index_units = all(abs(sp - 1.0) < 1e-10 for sp in spacing)  # as cubic's radial_bin_id
+    # float32 frequencies and |k| as cubic computes them, compared with float64 edges
+    axes = [
+        torch.as_tensor(
+            (np.fft.fftfreq(n) * n if index_units else np.fft.fftfreq(n, d=sp)).astype(np.float32),
+            device=device,
+        )
+        for n, sp in zip(shape, spacing, strict=True)
+    ]
+    k0, k1, k2 = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+    k = torch.sqrt(k0 * k0 + k1 * k1 + k2 * k2).double()
+    bid = (torch.bucketize(k, edges, right=True) - 1).clamp(0, nb - 1)
+    return torch.where(k < float(np.finfo(np.float32).tiny), torch.full_like(bid, -1), bid)
+
+
+def _spectral_pcc_t(pred, target, spacing, alpha: float = 0.1, tail_fraction: float = 0.2):
+    """cubic.metrics.spectral_pcc(prediction, target) in torch (parity-tested).
+
+    On the rfft half spectrum: every sum cubic takes over the full spectrum is of a function
+    even under k → −k (real inputs), so it is the half-spectrum sum with columns that stand
+    for two full columns counted twice.
+    """
+    import torch
+
+    pred, target = pred.float(), target.float()  # complex64 FFTs, as cubic
+    shape = tuple(target.shape)
+    win = torch.ones((), dtype=pred.dtype, device=pred.device)
+    for axis, n in enumerate(shape):
+        w = torch.as_tensor(tukey_1d(n, alpha), dtype=pred.dtype, device=pred.device)
+        win = win * w.reshape([-1 if i == axis else 1 for i in range(3)])
+    f_pred = torch.fft.rfftn((pred - pred.mean()) * win).reshape(-1)
+    f_targ = torch.fft.rfftn((target - target.mean()) * win).reshape(-1)
+    power_raw = torch.fft.rfftn(target).abs().reshape(-1) ** 2
+    nx = shape[-1]
+    half = nx // 2 + 1
+    mult = torch.full((half,), 2.0, dtype=pred.dtype, device=pred.device)
+    mult[0] = 1.0
+    if nx % 2 == 0:
+        mult[-1] = 1.0
+    mult = mult.expand(*shape[:-1], half).reshape(-1)
+    # every (FOV, t) of a job has the same shape and spacing: the bins are computed once
+    bins = _radial_bins_cached(shape, tuple(spacing), pred.device, 1.0)
+    bid = bins[..., :half].reshape(-1)
+    valid = bid >= 0
+    nbins = int(bid.max()) + 1
+    s2 = torch.bincount(bid[valid], weights=(mult * power_raw)[valid], minlength=nbins)
+    counts = torch.bincount(bid[valid], weights=mult[valid], minlength=nbins).clamp_min(1)
+    power = s2 / counts
+    n_tail = max(1, int(np.ceil(nbins * tail_fraction)))
+    weights = (power - power[-n_tail:].mean()).clamp_min(0.0)
+    w_max = weights.max()
+    weights = weights / torch.where(w_max > 0, w_max, torch.ones_like(w_max))
+    w_vox = torch.where(valid, weights[bid.clamp_min(0)], torch.zeros_like(power_raw)) * mult
+    num = (w_vox * (f_pred * f_targ.conj()).real).sum()
+    den = torch.sqrt((w_vox * f_pred.abs() ** 2).sum() * (w_vox * f_targ.abs() ** 2).sum())
+    safe = torch.where(den < 1e-12, torch.ones_like(den), den)
+    r = torch.where(den < 1e-12, torch.zeros_like(num), num / safe)
+    return torch.where(w_max > 0, r.clamp(-1.0, 1.0), torch.zeros_like(r))
+
+
+def _pcc_t(a, b):
+    da, db = a - a.mean(), b - b.mean()
+    den = ((da * da).sum() * (db * db).sum()).sqrt()
+    return ((da * db).sum() / den).clamp(-1.0, 1.0)  # 0/0 -> NaN: a constant volume
+
+
+def _per_cell_pcc_t(a, b, cells):
+    """PCC inside each cell label (>= 3 voxels, non-constant on both sides), mean and median."""
+    import torch
+
+    lab = torch.as_tensor(np.asarray(cells), device=a.device).reshape(-1).long()
+    x, y = a.reshape(-1), b.reshape(-1)
+    keep = lab > 0
+    lab, x, y = lab[keep], x[keep], y[keep]
+    if lab.numel() == 0:
+        nan = torch.full((), float("nan"), dtype=a.dtype, device=a.device)
+        return nan, nan
+    n_lab = int(lab.max()) + 1
+    sums = {k: torch.bincount(lab, weights=v, minlength=n_lab) for k, v in
+            (("x", x), ("y", y), ("xx", x * x), ("yy", y * y), ("xy", x * y))}  # fmt: skip
+    n = torch.bincount(lab, minlength=n_lab).to(a.dtype)
+    cov = sums["xy"] - sums["x"] * sums["y"] / n.clamp_min(1)
+    vx = sums["xx"] - sums["x"] ** 2 / n.clamp_min(1)
+    vy = sums["yy"] - sums["y"] ** 2 / n.clamp_min(1)
+    tol = 1e-12 * n.clamp_min(1)
+    ok = (n >= 3) & (vx > tol) & (vy > tol)
+    r = (cov / (vx * vy).clamp_min(1e-300).sqrt())[ok].clamp(-1.0, 1.0)
+    if r.numel() == 0:
+        nan = torch.full((), float("nan"), dtype=a.dtype, device=a.device)
+        return nan, nan
+    v = r.sort().values
+    return r.mean(), (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # numpy's median
+
+
+def fsc_resolution(volume: np.ndarray, spacing) -> tuple[float, float]:
+    """(XY, Z) FSC resolution (µm, 1/7 threshold, single-image checkerboard split) from
+    cubic.metrics.fsc_resolution, on the volume resampled to isotropic voxels (a stack of a
+    few slices otherwise has too few Z frequencies for cubic's curve fit); NaN when cubic
+    finds no crossing."""
+    import warnings
+
+    from cubic.metrics import fsc_resolution as _fsc
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = _fsc(
+                np.asarray(volume, dtype=np.float32), spacing=list(spacing), resample_isotropic=True
+            )
+        return float(res["xy"]), float(res["z"])
+    except (ValueError, RuntimeError, IndexError, ZeroDivisionError):
+        return float("nan"), float("nan")
+
+
+def pixel_metrics(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    spacing=None,
+    cells: np.ndarray | None = None,
+    device: str = "cpu",
+    fsc: bool = False,
+) -> dict[str, float]:
+    """The pixel-metric bundle of one (Z, Y, X) pair, computed on `device` with one transfer
+    of the results: PCC, SSIM, NRMSE, PSNR; with `spacing` (z, y, x µm) Spectral_PCC and,
+    with `fsc`, the prediction's XY/Z FSC resolution (cubic, CPU); with `cells` (instance
+    labels) the per-cell PCC mean and median."""
+    import torch
+
+    a, b = _torch_pair(gt, pred, device)
+    am, bm = _minmax_t(a), _minmax_t(b)
+    mse = ((am - bm) ** 2).mean()
+    span = am.max() - am.min()
+    rmse = mse.sqrt()
+    values = {
+        "PCC": _pcc_t(a, b),
+        "SSIM": _ssim_t(am, bm),
+        "NRMSE": torch.where(
+            span > 0, rmse / torch.where(span > 0, span, torch.ones_like(span)), rmse
+        ),
+        "PSNR": torch.where(
+            mse > 0, 10 * torch.log10(1 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf)
+        ),
+    }
+    if spacing is not None:
+        values["Spectral_PCC"] = _spectral_pcc_t(b, a, [float(s) for s in spacing])
+    if cells is not None:
+        values["PerCell_PCC_mean"], values["PerCell_PCC_median"] = _per_cell_pcc_t(a, b, cells)
+    host = torch.stack([v.to(torch.float64).reshape(()) for v in values.values()]).cpu().tolist()
+    out = dict(zip(values, host, strict=True))
+    if fsc and spacing is not None:
+        out["XY_FSC_Resolution"], out["Z_FSC_Resolution"] = fsc_resolution(pred, spacing)
+    return {k: out[k] for k in PIXEL_COLUMNS[2:] if k in out}
+
+
 def ssim3d(a: np.ndarray, b: np.ndarray) -> float:
     """Mean 3D SSIM of the min–max scaled pair (Gaussian window, see module doc)."""
-    from scipy import ndimage as ndi
-
-    a = minmax(a)
-    b = minmax(b)
-    _check_pair(a, b)
-    args = {"sigma": SSIM_SIGMA, "truncate": SSIM_TRUNCATE, "mode": "reflect"}
-    ux = ndi.gaussian_filter(a, **args)
-    uy = ndi.gaussian_filter(b, **args)
-    vx = ndi.gaussian_filter(a * a, **args) - ux * ux
-    vy = ndi.gaussian_filter(b * b, **args) - uy * uy
-    vxy = ndi.gaussian_filter(a * b, **args) - ux * uy
-    c1 = SSIM_K1**2
-    c2 = SSIM_K2**2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
-    crop = tuple(slice(p, n - p) for n in s.shape for p in [min(radius, (n - 1) // 2)])
-    return float(s[crop].mean(dtype=np.float64))
+    return pixel_metrics(a, b)["SSIM"]
 
 
 def nrmse(a: np.ndarray, b: np.ndarray) -> float:
     """RMSE of the min–max scaled pair divided by the scaled GT's range (see module doc)."""
-    a = minmax(a)
-    b = minmax(b)
-    _check_pair(a, b)
-    rmse = float(np.sqrt(np.mean((a - b) ** 2)))
-    span = float(a.max() - a.min())
-    return rmse / span if span > 0 else rmse
+    return pixel_metrics(a, b)["NRMSE"]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of the min–max scaled pair with data range 1; +inf when identical."""
-    a = minmax(a)
-    b = minmax(b)
-    _check_pair(a, b)
-    mse = float(np.mean((a - b) ** 2))
-    if mse == 0:
-        return float("inf")
-    return float(10.0 * np.log10(1.0 / mse))
+    return pixel_metrics(a, b)["PSNR"]
 
 
-def pixel_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """PCC, SSIM, NRMSE, PSNR of one (Z, Y, X) pair."""
-    return {
-        "PCC": pcc(gt, pred),
-        "SSIM": ssim3d(gt, pred),
-        "NRMSE": nrmse(gt, pred),
-        "PSNR": psnr(gt, pred),
-    }
+def spectral_pcc(gt: np.ndarray, pred: np.ndarray, spacing) -> float:
+    """Spectrally weighted PCC (cubic's definition; weights from the GT's radial spectrum)."""
+    return pixel_metrics(gt, pred, spacing=spacing)["Spectral_PCC"]
 
 
 # --------------------------------------------------------------------------- masks
@@ -305,8 +564,23 @@ def kid(
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
-def precision_recall(gt: np.ndarray, pred: np.ndarray, k: int = 5) -> dict[str, float]:
-    """k-NN precision/recall/F1 (torch-fidelity prc, prediction = generated, GT = real)."""
+PRC_BOOTSTRAP = 10
+PRC_FRACTION = 0.8
+
+
+def precision_recall(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    k: int = 5,
+    n_boot: int = 0,
+    seed: int = 0,
+    fraction: float = PRC_FRACTION,
+) -> dict[str, float]:
+    """k-NN precision/recall/F1 (torch-fidelity prc, prediction = generated, GT = real).
+
+    With `n_boot` > 0: the mean and std over `n_boot` seeded subsamples of `fraction` of
+    each side's rows (without replacement: duplicated rows would collapse the k-NN balls).
+    """
     import torch
     from torch_fidelity.metric_prc import (
         KEY_METRIC_F_SCORE,
@@ -316,16 +590,38 @@ def precision_recall(gt: np.ndarray, pred: np.ndarray, k: int = 5) -> dict[str, 
     )
 
     gt, pred = _check_features(gt, pred)
-    if not _usable(gt, pred, k + 1):
-        return {"Precision": float("nan"), "Recall": float("nan"), "F1": float("nan")}
-    out = prc_features_to_metric(
-        torch.from_numpy(pred), torch.from_numpy(gt), prc_neighborhood=k, verbose=False
-    )
-    return {
-        "Precision": float(out[KEY_METRIC_PRECISION]),
-        "Recall": float(out[KEY_METRIC_RECALL]),
-        "F1": float(out[KEY_METRIC_F_SCORE]),
+    nan = {
+        k_: float("nan")
+        for k_ in ("Precision", "Recall", "F1", "Precision_std", "Recall_std", "F1_std")
     }
+    if not _usable(gt, pred, k + 1):
+        return nan
+
+    def once(g, p):
+        out = prc_features_to_metric(
+            torch.from_numpy(p), torch.from_numpy(g), prc_neighborhood=k, verbose=False
+        )
+        return [
+            float(out[key]) for key in (KEY_METRIC_PRECISION, KEY_METRIC_RECALL, KEY_METRIC_F_SCORE)
+        ]
+
+    if n_boot <= 0:
+        values = np.array([once(gt, pred)])
+    else:
+        rng = np.random.default_rng([seed, 5])
+        n_g, n_p = (max(k + 1, int(round(fraction * len(x)))) for x in (gt, pred))
+        if min(n_g, n_p) > min(len(gt), len(pred)):
+            values = np.array([once(gt, pred)])
+        else:
+            values = np.array([
+                once(gt[rng.choice(len(gt), n_g, replace=False)], pred[rng.choice(len(pred), n_p, replace=False)])
+                for _ in range(n_boot)
+            ])  # fmt: skip
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    return {
+        "Precision": mean[0], "Recall": mean[1], "F1": mean[2],
+        "Precision_std": std[0], "Recall_std": std[1], "F1_std": std[2],
+    }  # fmt: skip
 
 
 def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
@@ -465,6 +761,38 @@ def real_vs_pred_probe(
     }
 
 
+def condition_probe(x: np.ndarray, labels: Sequence, groups: Sequence, reference: str = "mock",
+                    n_splits: int = 5) -> float:  # fmt: skip
+    """AUROC of a linear probe telling `reference` cells from the other conditions.
+
+    Folds are whole FOVs, stratified: each class's FOVs (sorted by name) are dealt in turn
+    to k = min(n_splits, FOVs of the rarer class) folds, so every test fold holds both
+    classes and no cell is scored by a probe that saw its own FOV. Median/MAD scaling and
+    the logistic regression are fitted on each fold's training FOVs; the AUROC is taken
+    within each test fold and averaged (pooling scores across folds would compare
+    different intercepts: with few FOVs that alone pushes a null probe far below 0.5).
+    NaN with one class or fewer than two FOVs of either class.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = (np.asarray(labels).astype(str) != reference).astype(float)
+    groups = np.asarray(groups).astype(str)
+    if x.ndim != 2 or x.shape[1] == 0 or len(np.unique(y)) < 2:
+        return float("nan")
+    fovs = {c: sorted(set(groups[y == c])) for c in (0.0, 1.0)}
+    k = min(n_splits, len(fovs[0.0]), len(fovs[1.0]))
+    if k < 2:
+        return float("nan")
+    fold_of = {f: i % k for c in (0.0, 1.0) for i, f in enumerate(fovs[c])}
+    row_fold = np.array([fold_of[g] for g in groups])
+    scores = []
+    for fold in range(k):
+        train, test = row_fold != fold, row_fold == fold
+        xtr, xte = _robust_scale(x[train], x[test])
+        w, b = logistic_fit(xtr, y[train])
+        scores.append(auroc(y[test], xte @ w + b))
+    return float(np.nanmean(scores))
+
+
 def median_cosine_similarity(gt: np.ndarray, pred: np.ndarray) -> float:
     """Median over rows of cos(gt_i, pred_i) for paired rows; zero vectors skipped."""
     gt = np.asarray(gt, dtype=np.float64)
@@ -488,8 +816,10 @@ FEATURE_GROUP_COLUMNS = ["n_cells", "CP_FID", "CP_KID", "CP_KID_std", "CP_Median
 FEATURE_DATASET_COLUMNS = [
     f"Dataset_CP_{m}"
     for m in (
-        *("FID", "KID", "KID_std", "Precision", "Recall", "F1", "MIND"),
+        *("FID", "KID", "KID_std", "Precision", "Precision_std", "Recall", "Recall_std"),
+        *("F1", "F1_std", "MIND", "Median_Cosine_Similarity"),
         *("RealVsPred_AUROC", "RealVsPred_AUROC_std", "Indistinguishability"),
+        *("Condition_AUROC_GT", "Condition_AUROC_Pred"),
     )
 ]
 
@@ -505,6 +835,7 @@ def feature_metrics(
     seed: int = 0,
     prc_k: int = 5,
     probe_group: str = "fov",
+    prc_bootstrap: int = PRC_BOOTSTRAP,
 ) -> pd.DataFrame:
     """Per-group FID/KID/cosine similarity and the dataset-level metrics on every row.
 
@@ -527,9 +858,14 @@ def feature_metrics(
     p = merged[[f"{c}_pred" for c in columns]].to_numpy(dtype=np.float64)
     gz, pz, kept = standardize(g, p)
     kid_mean, kid_std = kid(gz, pz, kid_subsets, seed)
-    prc = precision_recall(gz, pz, prc_k)
+    prc = precision_recall(gz, pz, prc_k, n_boot=prc_bootstrap, seed=seed)
     fov = merged[probe_group].to_numpy() if len(merged) else np.zeros(0)
     probe = real_vs_pred_probe(g[:, kept], p[:, kept], fov, fov)
+    if "condition" in gt.columns and len(merged):
+        cond = merged[keys].merge(gt[keys + ["condition"]], on=keys)["condition"].to_numpy()
+        condition = [condition_probe(x[:, kept], cond, fov) for x in (g, p)]
+    else:
+        condition = [float("nan"), float("nan")]
     dataset = dict(
         zip(
             FEATURE_DATASET_COLUMNS,
@@ -538,12 +874,17 @@ def feature_metrics(
                 kid_mean,
                 kid_std,
                 prc["Precision"],
+                prc["Precision_std"],
                 prc["Recall"],
+                prc["Recall_std"],
                 prc["F1"],
+                prc["F1_std"],
                 mind(gz, pz, seed=seed),
+                median_cosine_similarity(gz, pz),
                 probe["AUROC"],
                 probe["AUROC_std"],
                 probe["Indistinguishability"],
+                *condition,
             ),
             strict=True,
         )

@@ -378,6 +378,39 @@ TILT_COLUMNS = [
 ]
 
 
+def per_condition(pixel: Mapping[tuple, pd.DataFrame], conditions: Mapping[str, Mapping[str, str]],
+                  metrics: Sequence[str] = ("PCC", "SSIM", "Spectral_PCC")) -> pd.DataFrame:  # fmt: skip
+    """Mean ± std over (FOV, t) per condition of each benchmark cell's pixel table.
+
+    `pixel`: (train_set, model, predict_set) → pixel.csv frame; `conditions`:
+    predict_set → {fov: condition}. One row per (train_set, model, predict_set, condition).
+    """
+    rows = []
+    for (train_set, model, predict_set), df in pixel.items():
+        cond = df["FOV"].map(dict(conditions.get(predict_set, {}))).fillna("unknown")
+        for name, g in df.groupby(cond, sort=True):
+            row = {"train_set": train_set, "model": model, "predict_set": predict_set,
+                   "condition": name, "n": len(g)}  # fmt: skip
+            for m in metrics:
+                if m in g:
+                    v = pd.to_numeric(g[m], errors="coerce")
+                    row[f"{m}_mean"], row[f"{m}_std"] = float(v.mean()), float(v.std(ddof=0))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def segment_qc_summary(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Mean over (FOV, t) of each predict set's GT-segmentation-vs-truth table."""
+    rows = []
+    for predict_set, df in tables.items():
+        keep = [
+            c for c in ("Dice", "IoU", "Precision", "Recall", "mAP", "PQ", "SQ", "RQ") if c in df
+        ]
+        rows.append({"predict_set": predict_set, "n": len(df),
+                     **{c: float(pd.to_numeric(df[c], errors="coerce").mean()) for c in keep}})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def pick_example(
     metrics: pd.DataFrame,
     predict_set: str,

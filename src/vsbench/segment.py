@@ -163,6 +163,7 @@ def segment_nuclei(
     h_um: float = 1.0,
     limits: tuple[float, float] | None = None,
     split: str = "projection",
+    axial_fraction: float = 0.0,
 ) -> np.ndarray:
     """Nucleus instances: scale, per-slice background, smooth, threshold, distance watershed.
 
@@ -188,7 +189,21 @@ def segment_nuclei(
         proj = img.max(axis=0)
         fg2 = ndi.binary_fill_holes(proj > threshold_value(proj, threshold))
         labels = split_instances(fg2, spacing[1:], h_um)[None] * fg
+    labels = labels * axial_gate(img, axial_fraction)
     return relabel(remove_small(labels, min_size))
+
+
+def axial_gate(response: np.ndarray, fraction: float) -> np.ndarray:
+    """Voxels at or above `fraction` of their (y, x) column's maximum over Z.
+
+    Widefield fluorescence has no optical sectioning: an object blurs over many more
+    slices than it occupies, and a global threshold keeps them all (a nucleus three slices
+    thick came out ten slices thick on the demo, so no instance reached IoU 0.5). Keeping
+    the in-focus part of each column restores the axial extent; 0 keeps everything.
+    """
+    if fraction <= 0:
+        return np.ones(response.shape, dtype=bool)
+    return response >= fraction * response.max(axis=0, keepdims=True)
 
 
 def z_ranges(labels: np.ndarray) -> np.ndarray:
@@ -291,6 +306,7 @@ def segment_target(
     spacing: Spacing = (1.0, 1.0, 1.0),
     limits: tuple[float, float] | None = None,
     h_um: float = 1.0,
+    axial_fraction: float = 0.0,
 ) -> np.ndarray:
     """Mask of one target channel, the same function for ground truth and prediction.
 
@@ -300,11 +316,13 @@ def segment_target(
     if method not in METHODS:
         raise ValueError(f"segmentation method must be one of {METHODS}, got {method!r}")
     if method == "instance":
-        return segment_nuclei(image, spacing, sigma, threshold, min_size, h_um, limits)
+        return segment_nuclei(
+            image, spacing, sigma, threshold, min_size, h_um, limits, axial_fraction=axial_fraction
+        )
     img = scale_unit(image, limits)
     if method == "ridge":
         response = ridge_response(img, sigma)
     else:
         response = smooth(img, sigma, spacing)
-    fg = response > threshold_value(response, threshold)
+    fg = (response > threshold_value(response, threshold)) & axial_gate(response, axial_fraction)
     return (remove_small(fg, min_size) > 0).astype(np.int32)

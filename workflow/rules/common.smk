@@ -42,6 +42,13 @@ os.environ.update(
     )
 )
 NAME = "[A-Za-z0-9_-]+"
+# the simulator's true masks per target (datasets/{dataset}/truth.zarr), for segment_qc
+TRUTH_CHANNEL = {
+    "nucleus": "Nucleus_labels",
+    "er": "ER_mask",
+    "mito": "Mito_mask",
+    "membrane": "Membrane_mask",
+}
 # one benchmark cell's directory
 CELL = "target/{target}/{train_set}/{model}/{predict_set}"
 
@@ -198,6 +205,7 @@ def report_inputs(wildcards):
         "predictions": [
             os.path.join(CELL.format(**c), "prediction.zarr") for c in cells
         ],
+        "pixel": [os.path.join(CELL.format(**c), "pixel.csv") for c in cells],
         "phase": sorted(
             {
                 f"datasets/{predict_dataset(ps)}/phase.zarr"
@@ -222,4 +230,10 @@ def report_inputs(wildcards):
                 for ps in CAMPAIGN["predict_sets"]
             }
         ),
+        "segment_qc": [
+            f"target/{t}/gt/{ps}/segment_qc.csv"
+            for t in CAMPAIGN["targets"]
+            for ps in CAMPAIGN["predict_sets"]
+            if predict_dataset(ps) in SIMULATED and t in TRUTH_CHANNEL
+        ],
     }

@@ -10,10 +10,12 @@ rule metrics:
         masks=f"{CELL}/masks.zarr",
         gt_features="target/{target}/gt/{predict_set}/features.parquet",
         features=f"{CELL}/features.parquet",
+        cells=lambda wc: f"datasets/{predict_dataset(wc.predict_set)}/cells.zarr",
     output:
         pixel=os.path.join(CELL, "pixel.csv"),
         mask=os.path.join(CELL, "mask.csv"),
         feature=os.path.join(CELL, "feature.csv"),
+        timing=os.path.join(CELL, "eval_timing.csv"),
     log:
         "logs/metrics/{target}/{train_set}/{model}/{predict_set}.log",
     benchmark:
@@ -32,6 +34,7 @@ rule metrics:
             "method"
         ],
         seed=config["seed"],
+        device=config["device"],
     script:
         f"{STEPS}/metrics.py"
 

@@ -43,6 +43,13 @@ rule report:
             for ps in CAMPAIGN["predict_sets"]
         },
         models=lambda wc: {m: config["models"][m]["arch"] for m in CAMPAIGN["models"]},
+        conditions=lambda wc: {
+            ps: {
+                f: vconfig.fov_condition(MANIFESTS[predict_dataset(ps)], f)
+                for f in predict_fovs(ps)
+            }
+            for ps in CAMPAIGN["predict_sets"]
+        },
         benchmarks_dir="benchmarks",
     script:
         f"{STEPS}/report.py"

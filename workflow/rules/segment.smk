@@ -68,3 +68,28 @@ rule segment:
         settings=lambda wc: config["targets"][wc.target]["segmentation"],
     script:
         f"{STEPS}/segment.py"
+
+
+rule segment_qc:
+    input:
+        masks="target/{target}/gt/{predict_set}/masks.zarr",
+        truth=lambda wc: f"datasets/{predict_dataset(wc.predict_set)}/truth.zarr",
+    output:
+        table="target/{target}/gt/{predict_set}/segment_qc.csv",
+    log:
+        "logs/segment_qc/{target}/{predict_set}.log",
+    benchmark:
+        "benchmarks/segment_qc/{target}/{predict_set}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        fovs=lambda wc: predict_fovs(wc.predict_set),
+        truth_channel=lambda wc: TRUTH_CHANNEL[wc.target],
+        instance=lambda wc: config["targets"][wc.target]["segmentation"]["method"]
+        == "instance",
+    script:
+        f"{STEPS}/segment.py"

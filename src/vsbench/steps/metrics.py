@@ -1,11 +1,15 @@
-"""Rule metrics: pixel.csv, mask.csv and feature.csv, one row per (FOV, Timepoint).
+"""Rule metrics: pixel.csv, mask.csv and feature.csv, one row per (FOV, Timepoint), and
+eval_timing.csv (seconds per (FOV, t) and region: read, pixel, fsc, mask, instance, features).
+
+The pixel bundle runs on params.device (torch; FSC through cubic on the CPU); spacing comes
+from the GT store's scale and the per-cell PCC from input.cells (the shared cell labels).
 
 The prediction plate holds one channel, "{target}_prediction"; the GT is the
 target's channel of the preprocessed plate. Definitions of every metric and
 of the NaN rules (constant volume, empty masks, fewer than two cells) are in
 vsbench.metrics. Feature metrics use the image-derived columns
-(vsbench.features.INTENSITY_FEATURES): volume and centroids come from the
-shared cell labels and are identical for GT and prediction by construction.
+(vsbench.features.IMAGE_FEATURES, intensity and GLCM texture): shape comes from the
+shared cell labels and is identical for GT and prediction by construction.
 Loading torch-fidelity (torch + torchvision) costs a few seconds per job.
 
 mask.csv gains the instance columns (n_gt, n_pred, AP_0.50 ... AP_0.95, mAP,
@@ -23,21 +27,26 @@ from vsbench.steps import setup
 
 log = setup(snakemake, "metrics")
 
+import functools  # noqa: E402
 import time  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
 from vsbench import io  # noqa: E402
-from vsbench.features import INTENSITY_FEATURES  # noqa: E402
+from vsbench.features import IMAGE_FEATURES  # noqa: E402
 from vsbench.metrics import (  # noqa: E402
     INSTANCE_COLUMNS,
     MASK_COLUMNS,
     PIXEL_COLUMNS,
     feature_metrics,
+    fsc_resolution,
     instance_metrics,
     mask_metrics,
     pixel_metrics,
 )
+from vsbench.steps import resolve_device, torch_threads  # noqa: E402
+
+TIMING_COLUMNS = ["FOV", "Timepoint", "region", "seconds"]
 
 
 def prediction_channel(plate, path) -> str:
@@ -66,37 +75,71 @@ def main(sm) -> None:
     settings = dict(sm.params.settings or {})
     seed = int(sm.params.seed)
     kid_subsets = int(settings.get("kid_subsets", 50))
+    fsc = bool(settings.get("fsc", True))
     method = getattr(sm.params, "segmentation_method", None)
-    log.info("settings %s, seed %s, segmentation method %s", settings, seed, method)
-    gt_plate = io.open_plate(inp.gt_image)
-    pred_plate = io.open_plate(inp.prediction)
-    gtm_plate = io.open_plate(inp.gt_masks)
-    pm_plate = io.open_plate(inp.masks)
-    pixel_rows, mask_rows, groups = [], [], []
+    device = resolve_device(str(getattr(sm.params, "device", "cpu")))
+    torch_threads(sm)
+    log.info(
+        "settings %s, seed %s, segmentation method %s, device %s", settings, seed, method, device
+    )
+    plates = {
+        k: io.open_plate(getattr(inp, k)) for k in ("gt_image", "prediction", "gt_masks", "masks")
+    }
+    cells_path = getattr(inp, "cells", None)
+    if cells_path:
+        plates["cells"] = io.open_plate(cells_path)
+    pixel_rows, mask_rows, timing, groups = [], [], [], []
     labelled = False  # any GT label > 1 in this job
+
+    def timed(fov, t, region, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timing.append({"FOV": fov, "Timepoint": t, "region": region,
+                       "seconds": time.perf_counter() - start})  # fmt: skip
+        return result
+
     try:
-        pred_ch = prediction_channel(pred_plate, inp.prediction)
-        for fov in sm.params.fovs:
+        pred_ch = prediction_channel(plates["prediction"], inp.prediction)
+        for fov in sm.params.fovs:  # one FOV in memory at a time: peak memory does not grow
             start = time.perf_counter()
-            gt, pred = read_pair(
-                gt_plate, inp.gt_image, sm.params.channel, pred_plate, inp.prediction, pred_ch, fov
-            )
-            gtm, pm = read_pair(gtm_plate, inp.gt_masks, "mask", pm_plate, inp.masks, "mask", fov)
+            gt, pred = timed(fov, -1, "read", read_pair, plates["gt_image"], inp.gt_image,
+                             sm.params.channel, plates["prediction"], inp.prediction, pred_ch, fov)  # fmt: skip
+            gtm, pm = timed(fov, -1, "read", read_pair, plates["gt_masks"], inp.gt_masks, "mask",
+                            plates["masks"], inp.masks, "mask", fov)  # fmt: skip
             if gtm.shape != gt.shape:
                 raise io.InputError(
                     f"{inp.gt_masks} FOV {fov}: mask shape {gtm.shape} does not match image {gt.shape}"
                 )
+            cells = None
+            if "cells" in plates:
+                where = f"{cells_path} FOV {fov}"
+                cells = io.read_channel(
+                    io.position(plates["cells"], fov, cells_path), "cells", where
+                )
+                if cells.shape != gt.shape:
+                    raise io.InputError(f"{where}: shape {cells.shape} != image {gt.shape}")
+            spacing = io.scale_zyx(io.position(plates["gt_image"], fov, inp.gt_image))
             for t in range(gt.shape[0]):
                 groups.append((fov, t))
-                pixel_rows.append({"FOV": fov, "Timepoint": t, **pixel_metrics(gt[t], pred[t])})
-                row = {"FOV": fov, "Timepoint": t, **mask_metrics(gtm[t], pm[t])}
+                c_t = cells[t] if cells is not None else None
+                row = timed(fov, t, "pixel", pixel_metrics, gt[t], pred[t], spacing, c_t, device)
+                if fsc:
+                    row["XY_FSC_Resolution"], row["Z_FSC_Resolution"] = timed(
+                        fov, t, "fsc", fsc_resolution, pred[t], spacing
+                    )
+                pixel_rows.append({"FOV": fov, "Timepoint": t, **row})
+                mrow = {
+                    "FOV": fov,
+                    "Timepoint": t,
+                    **timed(fov, t, "mask", mask_metrics, gtm[t], pm[t]),
+                }
                 if method in (None, "instance"):
-                    row.update(instance_metrics(gtm[t], pm[t]))
-                mask_rows.append(row)
+                    mrow.update(timed(fov, t, "instance", instance_metrics, gtm[t], pm[t]))
+                mask_rows.append(mrow)
             labelled = labelled or bool(gtm.max(initial=0) > 1)
             log.info("%s: pixel + mask metrics (%.2f s)", fov, time.perf_counter() - start)
     finally:
-        for plate in (gt_plate, pred_plate, gtm_plate, pm_plate):
+        for plate in plates.values():
             plate.close()
 
     gt_feats = io.read_table(inp.gt_features)
@@ -105,14 +148,12 @@ def main(sm) -> None:
     gt_feats = gt_feats[gt_feats["fov"].isin(fovs)]
     pred_feats = pred_feats[pred_feats["fov"].isin(fovs)]
     missing = [
-        c for c in INTENSITY_FEATURES if c not in gt_feats.columns or c not in pred_feats.columns
+        c for c in IMAGE_FEATURES if c not in gt_feats.columns or c not in pred_feats.columns
     ]
     if missing:
         raise io.InputError(f"{inp.features}: feature columns {missing} missing")
-    start = time.perf_counter()
-    feats = feature_metrics(
-        gt_feats, pred_feats, INTENSITY_FEATURES, groups=groups, kid_subsets=kid_subsets, seed=seed
-    )
+    feature_fn = functools.partial(feature_metrics, kid_subsets=kid_subsets, seed=seed)
+    feats = timed("all", -1, "features", feature_fn, gt_feats, pred_feats, IMAGE_FEATURES, groups)
     feats = feats.rename(columns={"fov": "FOV", "t": "Timepoint"})
     first = feats.iloc[0] if len(feats) else {}
     log.info(
@@ -121,7 +162,7 @@ def main(sm) -> None:
         int(feats["n_cells"].sum()),
         *(first.get(f"Dataset_CP_{m}", float("nan")) for m in ("FID", "KID", "MIND")),
         first.get("Dataset_CP_RealVsPred_AUROC", float("nan")),
-        time.perf_counter() - start,
+        timing[-1]["seconds"],
     )
 
     io.write_table(pd.DataFrame(pixel_rows, columns=PIXEL_COLUMNS), out.pixel)
@@ -129,6 +170,8 @@ def main(sm) -> None:
     mask_columns = MASK_COLUMNS + (INSTANCE_COLUMNS if instance else [])
     io.write_table(pd.DataFrame(mask_rows, columns=mask_columns), out.mask)
     io.write_table(feats, out.feature)
+    if hasattr(out, "timing"):
+        io.write_table(pd.DataFrame(timing, columns=TIMING_COLUMNS), out.timing)
     log.info("wrote %s, %s, %s", out.pixel, out.mask, out.feature)
 
 

@@ -35,6 +35,9 @@ phase_paths = as_list(getattr(inp, "phase", []))
 fluorescence_paths = as_list(getattr(inp, "fluorescence", []))
 tilt_paths = as_list(getattr(inp, "tilt", []))
 qc_paths = as_list(getattr(inp, "qc", []))
+pixel_paths = as_list(getattr(inp, "pixel", []))
+segment_qc_paths = as_list(getattr(inp, "segment_qc", []))
+conditions = dict(getattr(params, "conditions", None) or {})
 cells = list(params.cells)
 channels = dict(params.channels)
 benchmarks_dir = Path(str(getattr(params, "benchmarks_dir", "benchmarks")))
@@ -221,6 +224,47 @@ for target, df in metrics.items():
         )
         fig = rp.panel_figure(phase_img, gt_img, pred_img, title=title)
         body.append(rp.html_figure(rel(save_figure(fig, f"example_{target}")), title))
+
+    # per-condition breakdown (does a model hold up on the infected wells?)
+    if pixel_paths and len(pixel_paths) != len(cells):
+        raise io.InputError(f"report: {len(pixel_paths)} pixel tables for {len(cells)} cells")
+    pixel = {
+        (c["train_set"], c["model"], c["predict_set"]): io.read_table(path)
+        for c, path in zip(cells, pixel_paths, strict=False)  # none when run without them
+        if c["target"] == target
+    }
+    by_condition = rp.per_condition(pixel, conditions)
+    if len(by_condition) and by_condition["condition"].nunique() > 1:
+        cond_table = rp.frame_table(by_condition)
+        files = save_table(
+            cond_table, by_condition, f"conditions_{target}", f"{target}: per condition"
+        )
+        body += [
+            rp.html_paragraph(f"{target}: pixel metrics per condition (mean / std over FOV, t)."),
+            rp.html_table(cond_table),
+            rp.html_links([(rel(p), kind) for kind, p in files.items()]),
+        ]
+
+    # is the segmenter the weak link? GT fluorescence masks vs the simulator's truth
+    qc_tables = {
+        Path(p).parent.name: io.read_table(p)
+        for p in segment_qc_paths
+        if Path(p).parts[-4] == target
+    }
+    if qc_tables:
+        summary = rp.segment_qc_summary(qc_tables)
+        qc_table = rp.frame_table(summary)
+        files = save_table(
+            qc_table, summary, f"segment_qc_{target}", f"{target}: GT segmentation vs truth"
+        )
+        body += [
+            rp.html_paragraph(
+                f"{target}: the segmentation of the GT fluorescence against the simulator's true "
+                "labels (mean over FOV, t): the ceiling of every mask metric above."
+            ),
+            rp.html_table(qc_table),
+            rp.html_links([(rel(p), kind) for kind, p in files.items()]),
+        ]
 
     curves = curves_by_target.get(target, {})
     if curves:

@@ -72,6 +72,7 @@ def segment_target(sm) -> None:
         "sigma": float(settings.get("sigma", 1.0)),
         "threshold": settings.get("threshold", "otsu"),
         "min_size": int(settings.get("min_size", 10)),
+        "axial_fraction": float(settings.get("axial_fraction", 0.0)),
     }
     if method not in seg.METHODS:
         raise io.InputError(f"segmentation method {method!r} unknown (expected {seg.METHODS})")
@@ -97,9 +98,43 @@ def segment_target(sm) -> None:
     write_label_store(sm, "mask", label_fov)
 
 
+def segment_qc(sm) -> None:
+    """The GT segmentation against the simulator's true labels: is the segmenter the weak link?"""
+    import pandas as pd
+
+    from vsbench.metrics import instance_metrics, mask_metrics
+
+    channel, instance = str(sm.params.truth_channel), bool(sm.params.instance)
+    rows = []
+    with io.open_plate(sm.input.masks) as masks, io.open_plate(sm.input.truth) as truth:
+        for fov in sm.params.fovs:
+            where_m, where_t = f"{sm.input.masks} FOV {fov}", f"{sm.input.truth} FOV {fov}"
+            seg_ = io.read_channel(io.position(masks, fov, sm.input.masks), "mask", where_m)
+            true = io.read_channel(io.position(truth, fov, sm.input.truth), channel, where_t)
+            if seg_.shape != true.shape:
+                raise io.InputError(
+                    f"{where_m}: shape {seg_.shape} != truth {true.shape} in {where_t}"
+                )
+            for t in range(seg_.shape[0]):
+                row = {"FOV": fov, "Timepoint": t, **mask_metrics(true[t], seg_[t])}
+                if instance:
+                    row.update(instance_metrics(true[t].astype(np.int64), seg_[t]))
+                rows.append(row)
+    columns = ["FOV", "Timepoint", "Dice", "IoU", "Precision", "Recall"] + (
+        ["n_gt", "n_pred", "mAP", "PQ", "SQ", "RQ"] if instance else []
+    )
+    table = pd.DataFrame(rows)[columns]
+    io.write_table(table, sm.output.table)
+    log.info("segmentation vs truth (%s): mean Dice %.3f%s", channel, table["Dice"].mean(),
+             f", PQ {table['PQ'].mean():.3f}" if instance else "")  # fmt: skip
+
+
 def main(sm) -> None:
     if not list(sm.params.fovs):
-        raise io.InputError(f"{sm.input.image}: no FOVs to segment (params.fovs is empty)")
+        where = getattr(sm.input, "image", None) or sm.input.masks
+        raise io.InputError(f"{where}: no FOVs to segment (params.fovs is empty)")
+    if sm.rule == "segment_qc":
+        return segment_qc(sm)
     log.info("rule %s: %s -> %s", sm.rule, sm.input.image, sm.output.masks)
     if sm.rule == "segment_cells":
         segment_cells(sm)
@@ -107,7 +142,7 @@ def main(sm) -> None:
         segment_target(sm)
     else:
         raise ValueError(
-            f"steps/segment.py serves segment_cells, segment_gt, segment; not {sm.rule!r}"
+            f"steps/segment.py serves segment_cells, segment_gt, segment, segment_qc; not {sm.rule!r}"
         )
 
 
