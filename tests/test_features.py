@@ -219,3 +219,109 @@ def test_step_shape_mismatch_is_input_error(tmp_path, repo_root, make_plate, pla
             ["A/1/0"],
             {},
         )
+
+
+# --------------------------------------------------------------------------- deep features
+
+
+def test_cell_crops_are_centred_masked_scaled_and_padded():
+    from vsbench.encoder import cell_crops
+
+    image = np.zeros((3, 20, 20), np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    labels[1, 8:12, 8:12] = 4  # a 4×4 cell in the middle, values 10..25
+    image[1, 8:12, 8:12] = np.arange(10, 26).reshape(4, 4)
+    labels[0, 0:2, 18:20] = 9  # a corner cell: its window runs off the FOV
+    image[0, 0:2, 18:20] = 3.0
+    image[2] = 100.0  # a bright plane outside every cell: masked out
+    ids, crops = cell_crops(image, labels, size=8)
+    assert ids.tolist() == [4, 9] and crops.shape == (2, 8, 8)
+    mid = crops[0]
+    assert mid[2:6, 2:6].min() == 0.0 and mid[2:6, 2:6].max() == 1.0  # scaled in the footprint
+    assert (mid[:2] == 0).all() and (mid[6:] == 0).all()  # zero outside it
+    corner = crops[1]
+    assert corner.max() == 0.0  # a constant cell scales to 0
+    assert cell_crops(image, np.zeros_like(labels), 8)[1].shape == (0, 8, 8)
+
+
+def test_encoder_trains_deterministically_and_round_trips(tmp_path):
+    import torch
+
+    from vsbench import io
+    from vsbench.encoder import embed, encoder_checkpoint, load_extractor, train_encoder
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    blobs = [np.exp(-((yy - 8) ** 2 + (xx - 8) ** 2) / rng.uniform(4, 30)) for _ in range(24)]
+    stripes = [
+        0.5 + 0.5 * np.sin(xx * rng.uniform(0.5, 1.5) + rng.uniform(0, 6)) for _ in range(24)
+    ]
+    crops = np.stack(blobs + stripes).astype(np.float32)
+    settings = {"crop": 16, "dim": 8, "steps": 30, "batch_size": 16, "lr": 0.005}
+    model, losses = train_encoder(crops, settings, seed=3)
+    again, losses2 = train_encoder(crops, settings, seed=3)
+    assert losses == losses2  # deterministic on the CPU
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the contrastive loss falls
+    path = tmp_path / "enc.pt"
+    torch.save(encoder_checkpoint(model), path)
+    e = embed(load_extractor(path), crops)
+    assert e.shape == (48, 8) and np.isfinite(e).all()
+    np.testing.assert_allclose(e, embed(again, crops), rtol=1e-6, atol=1e-7)
+    # the two kinds of crop land apart: a linear probe separates them from the embedding
+    from vsbench.metrics import auroc, logistic_fit
+
+    y = np.r_[np.zeros(24), np.ones(24)]
+    w, b = logistic_fit((e - e.mean(0)) / (e.std(0) + 1e-9), y)
+    assert auroc(y, ((e - e.mean(0)) / (e.std(0) + 1e-9)) @ w + b) > 0.9
+    with pytest.raises(io.InputError, match="not found"):
+        load_extractor(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    with pytest.raises(io.InputError, match="bad.pt: neither a vsbench encoder nor a TorchScript"):
+        load_extractor(tmp_path / "bad.pt")
+    scripted = tmp_path / "user.pt"  # a user's TorchScript model is loaded too
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(model).save(str(scripted))
+    np.testing.assert_allclose(embed(load_extractor(scripted), crops), e, rtol=1e-6, atol=1e-7)
+    with pytest.raises(io.InputError, match="at least 2"):
+        train_encoder(crops[:1], settings)
+    torch.set_num_threads(1)
+
+
+def test_steps_train_the_encoder_and_write_paired_embeddings(tmp_path, repo_root, plates):
+    from vsbench import io
+
+    pre, pred, cells_path, _, _ = plates
+    names = ["A/1/0", "A/2/0"]
+    settings = {"crop": 16, "dim": 4, "steps": 5, "batch_size": 8}
+    ns = types.SimpleNamespace(
+        input=types.SimpleNamespace(images=[str(pre)], cells=[str(cells_path)]),
+        output=types.SimpleNamespace(model=str(tmp_path / "enc.pt"), log_table=str(tmp_path / "log.csv")),
+        params=types.SimpleNamespace(data=[{"channel": "ER", "fovs": names}], settings=settings, seed=0),
+        log=[], threads=1, rule="train_encoder",
+    )  # fmt: skip
+    runpy.run_path(str(repo_root / "src/vsbench/steps/features.py"), init_globals={"snakemake": ns})
+    assert len(pd.read_csv(tmp_path / "log.csv")) == 5
+    tables = {}
+    for rule, image, channel in (("features_gt", pre, "ER"), ("features", pred, "er_prediction")):
+        out = types.SimpleNamespace(table=str(tmp_path / f"{rule}.parquet"),
+                                    embeddings=str(tmp_path / f"{rule}_emb.parquet"))  # fmt: skip
+        ns = types.SimpleNamespace(
+            input=types.SimpleNamespace(image=str(image), cells=str(cells_path), extractor=str(tmp_path / "enc.pt")),
+            output=out,
+            params=types.SimpleNamespace(channel=channel, fovs=names, conditions={}, encoder=settings),
+            log=[], threads=1, rule=rule,
+        )  # fmt: skip
+        runpy.run_path(
+            str(repo_root / "src/vsbench/steps/features.py"), init_globals={"snakemake": ns}
+        )
+        tables[rule] = (io.read_table(out.table), io.read_table(out.embeddings))
+    (gt, gt_emb), (_, pr_emb) = tables["features_gt"], tables["features"]
+    keys = ["fov", "t", "cell_id"]
+    assert list(gt_emb.columns) == [*keys, "condition", "e0", "e1", "e2", "e3"]
+    pd.testing.assert_frame_equal(gt_emb[keys], gt[keys])  # one embedding per CP row, paired
+    pd.testing.assert_frame_equal(gt_emb[keys], pr_emb[keys])
+    # an affine copy of the GT: the crops are min-max scaled, so the embeddings agree
+    np.testing.assert_allclose(gt_emb[["e0", "e1"]], pr_emb[["e0", "e1"]], atol=1e-4)

@@ -644,6 +644,12 @@ def benchmark_cell(tmp_path, make_plate):
                 frames.append(df)
         paths[name] = tmp_path / f"{name}.parquet"
         io.write_table(pd.concat(frames, ignore_index=True), paths[name])
+        emb = pd.concat(frames, ignore_index=True)[["fov", "t", "cell_id", "condition"]].copy()
+        for k in range(4):
+            emb[f"e{k}"] = rng.normal(size=len(emb))
+        key = "gt_embeddings" if name == "gt_features" else "embeddings"
+        paths[key] = tmp_path / f"{key}.parquet"
+        io.write_table(emb, paths[key])
     return paths, names, gt, pred, gtm, pm
 
 
@@ -681,7 +687,10 @@ def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
         *("Dataset_CP_Median_Cosine_Similarity", "Dataset_CP_RealVsPred_AUROC"),
         *("Dataset_CP_RealVsPred_AUROC_std", "Dataset_CP_Indistinguishability"),
         *("Dataset_CP_Condition_AUROC_GT", "Dataset_CP_Condition_AUROC_Pred"),
+        *M.feature_group_columns("Encoder")[1:],  # the embeddings: the same metrics
+        *M.feature_dataset_columns("Encoder"),
     ]
+    assert feature["Encoder_FID"].notna().all() and feature["Dataset_Encoder_FID"].nunique() == 1
     expected = [(f, t) for f in names for t in range(2)]
     for table in (pixel, mask, feature):
         assert list(zip(table.FOV, table.Timepoint, strict=True)) == expected

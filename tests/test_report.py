@@ -213,6 +213,9 @@ def test_figures_write_pngs(tmp_path):
         "bars": rp.bar_figure(metrics_frame(), title="er"),
         "bars_empty": rp.bar_figure(metrics_frame()[["train_set", "model", "predict_set"]]),
         "panel": rp.panel_figure(rng.random((24, 32)), gt, gt + 0.1 * rng.random((24, 32))),
+        "panel_masks": rp.panel_figure(
+            rng.random((24, 32)), gt, gt, gt_mask=gt > 0.5, pred_mask=gt > 0.6
+        ),
         "curves": rp.curves_figure(
             {
                 "unet": pd.DataFrame(
@@ -265,6 +268,8 @@ def test_figures_write_pngs(tmp_path):
         ),
     }
     assert len(figs["curves_gan"].axes) == 3 and len(figs["curves"].axes) == 1  # + D/G panel
+    assert len(figs["panel_masks"].axes[1].collections) == 1  # the GT outline
+    assert not figs["panel"].axes[1].collections
     assert len(figs["tilt_map"].axes[0].collections) >= 3  # estimated + true arrows, FOVs
     for name, fig in figs.items():
         path = tmp_path / f"{name}.png"

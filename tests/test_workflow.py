@@ -79,6 +79,7 @@ def tiny_config() -> dict:
             "predict_sets": ["ipsc_test", "a549_all"],
         },
         "reconstruct": {"positions_per_job": 2, "subtile": {"size": 32}, "phase_2d": True},
+        "features": {"encoder": {"steps": 5, "batch_size": 8, "crop": 16}},
         "predict": {"tile_yx": 32},
     }
 
@@ -157,7 +158,9 @@ def test_dry_run_plans_the_whole_campaign_without_importing_torch(tmp_path):
         "reconstruct": 2,
         "segment_cells": 2,
         "segment_gt": 4,
+        "segment_qc": 4,  # both predict sets are simulated
         "features_gt": 4,
+        "train_encoder": 2,
         "train": 4,
         "predict": cells,
         "segment": cells,

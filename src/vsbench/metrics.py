@@ -812,16 +812,25 @@ def median_cosine_similarity(gt: np.ndarray, pred: np.ndarray) -> float:
     return float(np.median(cos)) if cos.size else float("nan")
 
 
-FEATURE_GROUP_COLUMNS = ["n_cells", "CP_FID", "CP_KID", "CP_KID_std", "CP_Median_Cosine_Similarity"]
-FEATURE_DATASET_COLUMNS = [
-    f"Dataset_CP_{m}"
-    for m in (
-        *("FID", "KID", "KID_std", "Precision", "Precision_std", "Recall", "Recall_std"),
-        *("F1", "F1_std", "MIND", "Median_Cosine_Similarity"),
-        *("RealVsPred_AUROC", "RealVsPred_AUROC_std", "Indistinguishability"),
-        *("Condition_AUROC_GT", "Condition_AUROC_Pred"),
-    )
-]
+GROUP_METRICS = ("FID", "KID", "KID_std", "Median_Cosine_Similarity")
+DATASET_METRICS = (
+    *("FID", "KID", "KID_std", "Precision", "Precision_std", "Recall", "Recall_std"),
+    *("F1", "F1_std", "MIND", "Median_Cosine_Similarity"),
+    *("RealVsPred_AUROC", "RealVsPred_AUROC_std", "Indistinguishability"),
+    *("Condition_AUROC_GT", "Condition_AUROC_Pred"),
+)
+
+
+def feature_group_columns(prefix: str = "CP") -> list[str]:
+    return ["n_cells", *(f"{prefix}_{m}" for m in GROUP_METRICS)]
+
+
+def feature_dataset_columns(prefix: str = "CP") -> list[str]:
+    return [f"Dataset_{prefix}_{m}" for m in DATASET_METRICS]
+
+
+FEATURE_GROUP_COLUMNS = feature_group_columns()
+FEATURE_DATASET_COLUMNS = feature_dataset_columns()
 
 
 def feature_metrics(
@@ -836,6 +845,7 @@ def feature_metrics(
     prc_k: int = 5,
     probe_group: str = "fov",
     prc_bootstrap: int = PRC_BOOTSTRAP,
+    prefix: str = "CP",
 ) -> pd.DataFrame:
     """Per-group FID/KID/cosine similarity and the dataset-level metrics on every row.
 
@@ -868,7 +878,7 @@ def feature_metrics(
         condition = [float("nan"), float("nan")]
     dataset = dict(
         zip(
-            FEATURE_DATASET_COLUMNS,
+            feature_dataset_columns(prefix),
             (
                 fid(gz, pz),
                 kid_mean,
@@ -906,14 +916,15 @@ def feature_metrics(
             {
                 **dict(zip(group, values, strict=True)),
                 "n_cells": len(sel),
-                "CP_FID": fid(gz[sel], pz[sel]),
-                "CP_KID": kid_g[0],
-                "CP_KID_std": kid_g[1],
-                "CP_Median_Cosine_Similarity": median_cosine_similarity(gz[sel], pz[sel]),
+                f"{prefix}_FID": fid(gz[sel], pz[sel]),
+                f"{prefix}_KID": kid_g[0],
+                f"{prefix}_KID_std": kid_g[1],
+                f"{prefix}_Median_Cosine_Similarity": median_cosine_similarity(gz[sel], pz[sel]),
                 **dataset,
             }
         )
-    return pd.DataFrame(rows, columns=[*group, *FEATURE_GROUP_COLUMNS, *FEATURE_DATASET_COLUMNS])
+    columns = [*group, *feature_group_columns(prefix), *feature_dataset_columns(prefix)]
+    return pd.DataFrame(rows, columns=columns)
 
 
 # --------------------------------------------------------------------------- instances

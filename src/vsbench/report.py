@@ -509,8 +509,11 @@ def panel_figure(
     prediction: np.ndarray,
     title: str = "",
     names: Sequence[str] = ("input phase", "ground truth", "prediction", "|prediction − GT|"),
+    gt_mask: np.ndarray | None = None,
+    pred_mask: np.ndarray | None = None,
 ):
-    """Input / GT / prediction / |difference| of 2D slices, each percentile-scaled.
+    """Input / GT / prediction / |difference| of 2D slices, each percentile-scaled; the GT
+    and prediction masks (when given) are outlined on their panels.
 
     The difference is taken between the percentile-scaled GT and prediction,
     since a prediction lives in the model's normalized units, not the camera's.
@@ -526,6 +529,13 @@ def panel_figure(
         im = ax.imshow(img, cmap="magma" if ax is axes[0, 3] else "gray", vmin=0, vmax=1)
         ax.set_title(name)
         ax.set_axis_off()
+    for ax, mask, color in ((axes[0, 1], gt_mask, "cyan"), (axes[0, 2], pred_mask, "yellow")):
+        if (
+            mask is not None
+            and np.asarray(mask).any()
+            and np.asarray(mask).shape == images[1].shape
+        ):
+            ax.contour(np.asarray(mask) > 0, levels=[0.5], colors=color, linewidths=0.6)
     fig.colorbar(im, ax=axes[0, 3], fraction=0.046, pad=0.02)
     fig.suptitle(title)
     return fig

@@ -129,6 +129,63 @@ def reconstruct_gather_inputs(wildcards):
     return inputs
 
 
+def encoder_kind():
+    return config["features"]["encoder"]["kind"]
+
+
+def extractor_input():
+    """The features rules' extractor input: the trained encoder or the user's TorchScript."""
+    if encoder_kind() == "trained":
+        return {"extractor": "target/{target}/encoder/encoder.pt"}
+    if encoder_kind() == "torchscript":
+        return {"extractor": config["features"]["encoder"]["path"]}
+    return {}
+
+
+def embeddings_output(prefix):
+    return (
+        {}
+        if encoder_kind() == "none"
+        else {"embeddings": f"{prefix}/embeddings.parquet"}
+    )
+
+
+def embedding_inputs():
+    if encoder_kind() == "none":
+        return {}
+    return {
+        "gt_embeddings": "target/{target}/gt/{predict_set}/embeddings.parquet",
+        "embeddings": f"{CELL}/embeddings.parquet",
+    }
+
+
+def encoder_train_data(target):
+    """The GT images the encoder of `target` learns from: every campaign train-set dataset."""
+    datasets = sorted(
+        {
+            d
+            for ts in CAMPAIGN["train_sets"]
+            for d in config["train_sets"][ts]["datasets"]
+        }
+    )
+    return [
+        {
+            "dataset": d,
+            "channel": target_channel(d, target),
+            "fovs": [*split_of(d, "train"), *split_of(d, "val")],
+        }
+        for d in datasets
+    ]
+
+
+def encoder_train_inputs(wildcards):
+    data = encoder_train_data(wildcards.target)
+    return {
+        "images": [f"datasets/{e['dataset']}/preprocessed.zarr" for e in data],
+        "cells": [f"datasets/{e['dataset']}/cells.zarr" for e in data],
+    }
+
+
 def raw_store(wildcards):
     m = MANIFESTS[wildcards.dataset]
     return m["path"] if "path" in m else f"datasets/{wildcards.dataset}/raw.zarr"
@@ -206,6 +263,10 @@ def report_inputs(wildcards):
             os.path.join(CELL.format(**c), "prediction.zarr") for c in cells
         ],
         "pixel": [os.path.join(CELL.format(**c), "pixel.csv") for c in cells],
+        "masks": [os.path.join(CELL.format(**c), "masks.zarr") for c in cells],
+        "gt_masks": sorted(
+            {"target/{target}/gt/{predict_set}/masks.zarr".format(**c) for c in cells}
+        ),
         "phase": sorted(
             {
                 f"datasets/{predict_dataset(ps)}/phase.zarr"

@@ -4,6 +4,7 @@
 
 rule metrics:
     input:
+        **embedding_inputs(),
         gt_image=lambda wc: f"datasets/{predict_dataset(wc.predict_set)}/preprocessed.zarr",
         prediction=f"{CELL}/prediction.zarr",
         gt_masks="target/{target}/gt/{predict_set}/masks.zarr",

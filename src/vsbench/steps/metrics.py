@@ -142,27 +142,36 @@ def main(sm) -> None:
         for plate in plates.values():
             plate.close()
 
-    gt_feats = io.read_table(inp.gt_features)
-    pred_feats = io.read_table(inp.features)
     fovs = set(sm.params.fovs)
-    gt_feats = gt_feats[gt_feats["fov"].isin(fovs)]
-    pred_feats = pred_feats[pred_feats["fov"].isin(fovs)]
-    missing = [
-        c for c in IMAGE_FEATURES if c not in gt_feats.columns or c not in pred_feats.columns
-    ]
-    if missing:
-        raise io.InputError(f"{inp.features}: feature columns {missing} missing")
+
+    def load(path, columns, what):
+        table = io.read_table(path)
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise io.InputError(f"{path}: {what} columns {missing[:5]} missing")
+        return table[table["fov"].isin(fovs)]
+
     feature_fn = functools.partial(feature_metrics, kid_subsets=kid_subsets, seed=seed)
+    gt_feats = load(inp.gt_features, IMAGE_FEATURES, "feature")
+    pred_feats = load(inp.features, IMAGE_FEATURES, "feature")
     feats = timed("all", -1, "features", feature_fn, gt_feats, pred_feats, IMAGE_FEATURES, groups)
+    if hasattr(inp, "gt_embeddings"):  # deep features: the same metrics, Encoder_* columns
+        gt_emb = io.read_table(inp.gt_embeddings)
+        dims = [c for c in gt_emb.columns if c.startswith("e") and c[1:].isdigit()]
+        gt_emb = load(inp.gt_embeddings, dims, "embedding")
+        pred_emb = load(inp.embeddings, dims, "embedding")
+        enc = timed("all", -1, "encoder_features", functools.partial(feature_fn, prefix="Encoder"),
+                    gt_emb, pred_emb, dims, groups)  # fmt: skip
+        feats = feats.merge(enc.drop(columns=["n_cells"]), on=["fov", "t"], how="left")
     feats = feats.rename(columns={"fov": "FOV", "t": "Timepoint"})
     first = feats.iloc[0] if len(feats) else {}
     log.info(
         "feature metrics over %d paired cells: dataset FID %.4g, KID %.4g, MIND %.4g, "
-        "probe AUROC %.3g (%.2f s)",
+        "probe AUROC %.3g, encoder FID %.4g",
         int(feats["n_cells"].sum()),
         *(first.get(f"Dataset_CP_{m}", float("nan")) for m in ("FID", "KID", "MIND")),
         first.get("Dataset_CP_RealVsPred_AUROC", float("nan")),
-        timing[-1]["seconds"],
+        first.get("Dataset_Encoder_FID", float("nan")),
     )
 
     io.write_table(pd.DataFrame(pixel_rows, columns=PIXEL_COLUMNS), out.pixel)

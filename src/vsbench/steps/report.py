@@ -36,6 +36,8 @@ fluorescence_paths = as_list(getattr(inp, "fluorescence", []))
 tilt_paths = as_list(getattr(inp, "tilt", []))
 qc_paths = as_list(getattr(inp, "qc", []))
 pixel_paths = as_list(getattr(inp, "pixel", []))
+mask_paths = as_list(getattr(inp, "masks", []))
+gt_mask_paths = as_list(getattr(inp, "gt_masks", []))
 segment_qc_paths = as_list(getattr(inp, "segment_qc", []))
 conditions = dict(getattr(params, "conditions", None) or {})
 cells = list(params.cells)
@@ -218,11 +220,20 @@ for target, df in metrics.items():
             dataset_store(fluorescence_paths, dataset, "fluorescence"), fov, gt_channel
         )
         pred_img, _, _ = central_slice(pred_path, fov, f"{target}_prediction")
+        outlines = {}
+        if mask_paths:  # the example's masks, outlined on the GT and prediction panels
+            gt_mask_path = next(
+                p for p in gt_mask_paths if Path(p).parts[-4:-1] == (target, "gt", ps)
+            )
+            outlines = {
+                "gt_mask": central_slice(gt_mask_path, fov, "mask")[0],
+                "pred_mask": central_slice(mask_paths[index], fov, "mask")[0],
+            }
         title = (
             f"{target}: {key[1]}/{key[2]} on {ps}, FOV {fov}, t = 0, z = {z} of {n_z} "
             f"(PCC {rp.format_number(choice.get('PCC_mean', np.nan))})"
         )
-        fig = rp.panel_figure(phase_img, gt_img, pred_img, title=title)
+        fig = rp.panel_figure(phase_img, gt_img, pred_img, title=title, **outlines)
         body.append(rp.html_figure(rel(save_figure(fig, f"example_{target}")), title))
 
     # per-condition breakdown (does a model hold up on the infected wells?)
