@@ -583,7 +583,8 @@ def write_int_plate(path, fovs, channel):
     return path
 
 
-def run_step(repo_root, tmp_path, inputs, fovs, channel="ER", **params):
+def run_step(repo_root, tmp_path, inputs, fovs, channel="ER", threads=1, **params):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = types.SimpleNamespace(
         pixel=str(tmp_path / "pixel.csv"),
         mask=str(tmp_path / "mask.csv"),
@@ -597,7 +598,7 @@ def run_step(repo_root, tmp_path, inputs, fovs, channel="ER", **params):
             channel=channel, fovs=fovs, settings={"kid_subsets": 50}, seed=0, **params
         ),
         log=[],
-        threads=1,
+        threads=threads,
         rule="metrics",
     )
     runpy.run_path(str(repo_root / "src/vsbench/steps/metrics.py"), init_globals={"snakemake": ns})
@@ -703,6 +704,14 @@ def test_step_writes_three_tables(tmp_path, repo_root, benchmark_cell):
     assert feature["n_cells"].tolist() == [6, 6, 6, 6]
     assert feature["Dataset_CP_FID"].nunique() == 1 and feature["Dataset_CP_FID"].iloc[0] > 0
     assert feature["CP_FID"].notna().all()
+
+
+def test_step_fov_parallelism_changes_nothing(tmp_path, repo_root, benchmark_cell, restore_threads):
+    paths, names, *_ = benchmark_cell
+    one = run_step(repo_root, tmp_path / "one", paths, names, threads=1)
+    two = run_step(repo_root, tmp_path / "two", paths, names, threads=2)  # 2 FOVs at a time
+    for a, b in zip(one, two, strict=True):
+        pd.testing.assert_frame_equal(a, b, rtol=1e-9)
 
 
 def test_step_perfect_prediction(tmp_path, repo_root, benchmark_cell):

@@ -23,7 +23,7 @@ rule metrics:
         "benchmarks/metrics/{target}/{train_set}/{model}/{predict_set}.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=30,

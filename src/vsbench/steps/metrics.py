@@ -28,9 +28,12 @@ from vsbench.steps import setup
 log = setup(snakemake, "metrics")
 
 import functools  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from vsbench import io  # noqa: E402
 from vsbench.features import IMAGE_FEATURES  # noqa: E402
@@ -78,7 +81,7 @@ def main(sm) -> None:
     fsc = bool(settings.get("fsc", True))
     method = getattr(sm.params, "segmentation_method", None)
     device = resolve_device(str(getattr(sm.params, "device", "cpu")))
-    torch_threads(sm)
+    threads = torch_threads(sm)
     log.info(
         "settings %s, seed %s, segmentation method %s, device %s", settings, seed, method, device
     )
@@ -88,8 +91,8 @@ def main(sm) -> None:
     cells_path = getattr(inp, "cells", None)
     if cells_path:
         plates["cells"] = io.open_plate(cells_path)
-    pixel_rows, mask_rows, timing, groups = [], [], [], []
-    labelled = False  # any GT label > 1 in this job
+    timing: list[dict] = []  # list.append is atomic: shared by the worker threads
+    read_lock = threading.Lock()  # one reader at a time; the computing runs in parallel
 
     def timed(fov, t, region, fn, *args):
         start = time.perf_counter()
@@ -98,49 +101,66 @@ def main(sm) -> None:
                        "seconds": time.perf_counter() - start})  # fmt: skip
         return result
 
+    def read_fov(fov):
+        gt, pred = timed(fov, -1, "read", read_pair, plates["gt_image"], inp.gt_image,
+                         sm.params.channel, plates["prediction"], inp.prediction, pred_ch, fov)  # fmt: skip
+        gtm, pm = timed(fov, -1, "read", read_pair, plates["gt_masks"], inp.gt_masks, "mask",
+                        plates["masks"], inp.masks, "mask", fov)  # fmt: skip
+        if gtm.shape != gt.shape:
+            raise io.InputError(
+                f"{inp.gt_masks} FOV {fov}: mask shape {gtm.shape} does not match image {gt.shape}"
+            )
+        cells = None
+        if "cells" in plates:
+            where = f"{cells_path} FOV {fov}"
+            cells = io.read_channel(io.position(plates["cells"], fov, cells_path), "cells", where)
+            if cells.shape != gt.shape:
+                raise io.InputError(f"{where}: shape {cells.shape} != image {gt.shape}")
+        spacing = io.scale_zyx(io.position(plates["gt_image"], fov, inp.gt_image))
+        return gt, pred, gtm, pm, cells, spacing
+
+    def evaluate_fov(fov):
+        """Every (FOV, t) row of one FOV: only `workers` FOVs are in memory at any time."""
+        start = time.perf_counter()
+        with read_lock:
+            gt, pred, gtm, pm, cells, spacing = read_fov(fov)
+        pixel, mask = [], []
+        for t in range(gt.shape[0]):
+            c_t = cells[t] if cells is not None else None
+            row = timed(fov, t, "pixel", pixel_metrics, gt[t], pred[t], spacing, c_t, device)
+            if fsc:
+                row["XY_FSC_Resolution"], row["Z_FSC_Resolution"] = timed(
+                    fov, t, "fsc", fsc_resolution, pred[t], spacing
+                )
+            pixel.append({"FOV": fov, "Timepoint": t, **row})
+            mrow = {
+                "FOV": fov,
+                "Timepoint": t,
+                **timed(fov, t, "mask", mask_metrics, gtm[t], pm[t]),
+            }
+            if method in (None, "instance"):
+                mrow.update(timed(fov, t, "instance", instance_metrics, gtm[t], pm[t]))
+            mask.append(mrow)
+        log.info("%s: pixel + mask metrics (%.2f s)", fov, time.perf_counter() - start)
+        return pixel, mask, bool(gtm.max(initial=0) > 1)
+
+    fov_list = list(sm.params.fovs)
+    # the thread budget: `workers` FOVs at a time, the job's threads shared among them
+    workers = max(1, min(len(fov_list), threads, int(settings.get("workers", threads))))
+    torch.set_num_threads(max(1, threads // workers))
     try:
         pred_ch = prediction_channel(plates["prediction"], inp.prediction)
-        for fov in sm.params.fovs:  # one FOV in memory at a time: peak memory does not grow
-            start = time.perf_counter()
-            gt, pred = timed(fov, -1, "read", read_pair, plates["gt_image"], inp.gt_image,
-                             sm.params.channel, plates["prediction"], inp.prediction, pred_ch, fov)  # fmt: skip
-            gtm, pm = timed(fov, -1, "read", read_pair, plates["gt_masks"], inp.gt_masks, "mask",
-                            plates["masks"], inp.masks, "mask", fov)  # fmt: skip
-            if gtm.shape != gt.shape:
-                raise io.InputError(
-                    f"{inp.gt_masks} FOV {fov}: mask shape {gtm.shape} does not match image {gt.shape}"
-                )
-            cells = None
-            if "cells" in plates:
-                where = f"{cells_path} FOV {fov}"
-                cells = io.read_channel(
-                    io.position(plates["cells"], fov, cells_path), "cells", where
-                )
-                if cells.shape != gt.shape:
-                    raise io.InputError(f"{where}: shape {cells.shape} != image {gt.shape}")
-            spacing = io.scale_zyx(io.position(plates["gt_image"], fov, inp.gt_image))
-            for t in range(gt.shape[0]):
-                groups.append((fov, t))
-                c_t = cells[t] if cells is not None else None
-                row = timed(fov, t, "pixel", pixel_metrics, gt[t], pred[t], spacing, c_t, device)
-                if fsc:
-                    row["XY_FSC_Resolution"], row["Z_FSC_Resolution"] = timed(
-                        fov, t, "fsc", fsc_resolution, pred[t], spacing
-                    )
-                pixel_rows.append({"FOV": fov, "Timepoint": t, **row})
-                mrow = {
-                    "FOV": fov,
-                    "Timepoint": t,
-                    **timed(fov, t, "mask", mask_metrics, gtm[t], pm[t]),
-                }
-                if method in (None, "instance"):
-                    mrow.update(timed(fov, t, "instance", instance_metrics, gtm[t], pm[t]))
-                mask_rows.append(mrow)
-            labelled = labelled or bool(gtm.max(initial=0) > 1)
-            log.info("%s: pixel + mask metrics (%.2f s)", fov, time.perf_counter() - start)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(evaluate_fov, fov_list))  # in FOV order
     finally:
         for plate in plates.values():
             plate.close()
+    pixel_rows = [r for p, _, _ in results for r in p]
+    mask_rows = [r for _, m, _ in results for r in m]
+    groups = [(r["FOV"], r["Timepoint"]) for r in pixel_rows]
+    labelled = any(lab for _, _, lab in results)  # any GT label > 1 in this job
+    log.info("%d FOVs on %d worker thread(s), %d torch thread(s) each", len(fov_list), workers,
+             torch.get_num_threads())  # fmt: skip
 
     fovs = set(sm.params.fovs)
 
