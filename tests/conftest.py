@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,16 @@ def restore_threads(monkeypatch):
         monkeypatch.setenv(var, os.environ.get(var, "1"))
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def small_campaign_run(tmp_path_factory):
+    """An uninterrupted local run of campaign.small_config(): the reference the SLURM and
+    fault tests compare their outputs with. Returns (workdir, wall seconds)."""
+    from campaign import small_config, snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("small_campaign")
+    write_config(workdir, small_config())
+    start = time.monotonic()
+    snakemake(workdir, "--cores", "2")
+    return workdir, time.monotonic() - start

@@ -56,6 +56,15 @@ def test_atomic_table_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.parquet"]
+    # a writer killed with SIGKILL leaves its temporary behind; the next write removes it
+    (tmp_path / ".t.csv.abcd1234.tmp").write_text("half")
+    (tmp_path / ".t.csv.x.abcd1234.tmp").write_text("another output's")
+    io.write_table(df, tmp_path / "t.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".t.csv.x.abcd1234.tmp",
+        "t.csv",
+        "t.parquet",
+    ]
 
 
 def test_corrupt_chunk_fails_naming_the_fov(tmp_path, make_plate):

@@ -531,12 +531,15 @@ def test_distributed_plan_and_rank_zero():
     plan = distributed_plan("cuda", "auto", environ={}, n_cuda=4)
     assert plan == {"accelerator": "gpu", "devices": 4, "strategy": "ddp", "cluster": "default"}
     assert distributed_plan("cuda", 1, environ={}, n_cuda=4)["strategy"] == "auto"
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "4"}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}
     assert distributed_plan("cuda", "auto", environ=slurm, n_cuda=4)["cluster"] == "slurm"
     one_task = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}
+    # the executor's `srun -n1` step inside a 4-task allocation: Lightning starts the ranks
+    step = {**slurm, "SLURM_STEP_NUM_TASKS": "1"}
+    assert distributed_plan("cuda", "auto", environ=step, n_cuda=4)["cluster"] == "lightning"
     assert distributed_plan("cuda", "auto", environ=one_task, n_cuda=4)["cluster"] == "lightning"
-    with pytest.raises(io.InputError, match="tasks per node for 4 GPU"):
-        distributed_plan("cuda", "auto", environ={**slurm, "SLURM_NTASKS_PER_NODE": "2"}, n_cuda=4)
+    with pytest.raises(io.InputError, match="2 tasks for 4 GPU"):
+        distributed_plan("cuda", "auto", environ={**slurm, "SLURM_STEP_NUM_TASKS": "2"}, n_cuda=4)
     with pytest.raises(io.InputError, match="sees 2 GPU"):
         distributed_plan("cuda", 4, environ={}, n_cuda=2)
     assert distributed_plan("cuda:1", environ={}, n_cuda=2)["devices"] == [1]

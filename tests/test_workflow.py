@@ -7,8 +7,8 @@ plans); plan-only checks use dry runs, asserted from Snakemake's own job table.
 from __future__ import annotations
 
 import copy
-import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,125 +16,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from campaign import planned_jobs, small_config, snakemake, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.workflow
 
-# the demo's optics and channels: tests and benchmarks use the shipped manifest
-DEMO = yaml.safe_load((REPO / "resources/datasets/ipsc_demo.yaml").read_text())
-OPTICS, CHANNELS = DEMO["optics"], DEMO["channels"]
-
-
-def tiny_config() -> dict:
-    def dataset(cell_type, seed, wells, n):
-        return {
-            "simulate": {
-                "cell_type": cell_type,
-                "seed": seed,
-                "shape": [8, 64, 64],
-                "timepoints": 1,
-                "wells": wells,
-                "fovs_per_well": n,
-                "well_radius_um": 60.0,
-                "max_zenith": 0.25,
-            },
-            "optics": OPTICS,
-            "brightfield": "BF",
-            "channels": CHANNELS,
-            "splits": {"train": 0.5, "val": 0.25, "test": 0.25, "seed": 0},
-        }
-
-    return {
-        "seed": 0,
-        "datasets": {
-            "ipsc": dataset("ipsc", 1, {"A/1": "mock"}, 4),
-            "a549": dataset("a549", 2, {"A/1": "mock", "A/2": "zikv"}, 1),
-        },
-        "targets": {
-            "nucleus": {"segmentation": {"method": "instance", "min_size": 10}},
-            "er": {"segmentation": {"method": "ridge", "min_size": 5}},
-        },
-        "models": {
-            "identity": {"arch": "identity"},
-            "unet": {
-                "arch": "unet3d",
-                "base_channels": 4,
-                "depth": 1,
-                "epochs": 1,
-                "steps_per_epoch": 2,
-                "val_steps": 1,
-                "batch_size": 2,
-                "crop": [8, 32, 32],
-            },
-        },
-        "train_sets": {"ipsc": {"datasets": ["ipsc"]}},
-        "predict_sets": {
-            "ipsc_test": {"dataset": "ipsc", "split": "test"},
-            "a549_all": {"dataset": "a549", "split": "all"},
-        },
-        "campaign": {
-            "targets": ["nucleus", "er"],
-            "models": ["identity", "unet"],
-            "train_sets": ["ipsc"],
-            "predict_sets": ["ipsc_test", "a549_all"],
-        },
-        "reconstruct": {"positions_per_job": 2, "subtile": {"size": 32}, "phase_2d": True},
-        "features": {"encoder": {"steps": 5, "batch_size": 8, "crop": 16}},
-        "predict": {"tile_yx": 32},
-    }
-
-
-def snakemake(
-    workdir: Path, *args: str, check: bool = True, python_flags: tuple = ()
-) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        *python_flags,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        *args,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
-    """Job counts per rule from a dry run's 'Job stats' table."""
-    out = snakemake(workdir, "-n", *targets).stdout
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    jobs.pop("total", None)
-    return jobs
-
-
-def write_config(workdir: Path, cfg: dict) -> None:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory):
-    """The tiny campaign, run to completion once for this module."""
-    workdir = tmp_path_factory.mktemp("campaign")
-    write_config(workdir, tiny_config())
-    snakemake(workdir, "--cores", "2")
+def campaign(small_campaign_run, tmp_path_factory):
+    """A copy (mtimes kept: nothing is stale) of the session's small campaign run, so these
+    tests may change it without touching the reference other modules compare with."""
+    workdir = tmp_path_factory.mktemp("campaign") / "run"
+    shutil.copytree(small_campaign_run[0], workdir, symlinks=True)
     return workdir
 
 
@@ -223,36 +116,35 @@ def test_snakefmt_is_clean():
 
 
 def test_campaign_outputs(campaign):
-    for target in ("nucleus", "er"):
-        table = pd.read_csv(campaign / f"target/{target}/metrics.csv")
-        assert len(table) == 4
-        assert set(table["model"]) == {"identity", "unet"}
-        assert set(table["predict_set"]) == {"ipsc_test", "a549_all"}
-        for col in ("PCC_mean", "SSIM_mean", "NRMSE_mean", "PSNR_mean", "Dice_mean", "IoU_mean"):
-            assert col in table.columns
-            assert table[col].notna().all(), col
-        assert table["PCC_mean"].between(-1, 1).all()
+    table = pd.read_csv(campaign / "target/nucleus/metrics.csv")
+    assert len(table) == 2
+    assert set(table["model"]) == {"identity", "unet"}
+    assert set(table["predict_set"]) == {"ipsc_test"}
+    for col in ("PCC_mean", "SSIM_mean", "NRMSE_mean", "PSNR_mean", "Dice_mean", "IoU_mean"):
+        assert col in table.columns
+        assert table[col].notna().all(), col
+    assert table["PCC_mean"].between(-1, 1).all()
     assert (campaign / "report/index.html").stat().st_size > 0
-    assert (campaign / "target/er/ipsc/unet/model.ckpt").exists()
-    assert (campaign / "target/er/ipsc/unet/last.ckpt").exists()
+    assert (campaign / "target/nucleus/ipsc/unet/model.ckpt").exists()
+    assert (campaign / "target/nucleus/ipsc/unet/last.ckpt").exists()
     assert planned_jobs(campaign) == {}
 
 
 def test_param_change_reruns_only_that_model(campaign):
-    cfg = tiny_config()
+    cfg = small_config()
     changed = copy.deepcopy(cfg)
     changed["models"]["unet"]["lr"] = 0.005
     write_config(campaign, changed)
     try:
         jobs = planned_jobs(campaign)
-        cells = 2 * 1 * 2  # targets x (the changed model) x predict sets
+        cells = 1  # targets x (the changed model) x train sets x predict sets
         assert jobs == {
-            "train": 2,
+            "train": 1,
             "predict": cells,
             "segment": cells,
             "features": cells,
             "metrics": cells,
-            "aggregate": 2,
+            "aggregate": 1,
             "report": 1,
             "all": 1,
         }
@@ -268,17 +160,25 @@ def test_snakemake_report(campaign):
     assert "metrics" in html.lower()
 
 
+def planned_resources(dry_run: str) -> dict[str, list[str]]:
+    """rule -> the `resources:` lines of its planned jobs (grouped jobs are indented)."""
+    out: dict[str, list[str]] = {}
+    for rule, block in re.findall(r"\n\s*rule (\w+):\n(.*?)(?=\n\S|\n\s*rule |$)", dry_run, re.S):
+        line = next(x.strip() for x in block.splitlines() if x.strip().startswith("resources:"))
+        out.setdefault(rule, []).append(line)
+    return out
+
+
 def test_slurm_profile_dry_run_without_slurm(tmp_path):
     """The cluster profile plans on a machine without SLURM; GPU rules ask for a GPU."""
     write_config(tmp_path, tiny_config())
     out = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm")).stdout
     assert "Job stats:" in out
-    blocks = out.split("\nrule ")[1:]
-    resources = {}
-    for block in blocks:
-        rule = block.split(":", 1)[0].strip()
-        line = next((x for x in block.splitlines() if x.strip().startswith("resources:")), "")
-        resources.setdefault(rule, line)
+    resources = {rule: " ".join(lines) for rule, lines in planned_resources(out).items()}
+    # small CPU jobs share an sbatch: each dataset's chain, GT masks + QC, the summaries
+    assert {"Group job dataset", "Group job gt", "Group job summary"} <= set(
+        re.findall(r"Group job \w+", out)
+    )
     for rule in ("reconstruct_shard", "train", "predict", "features", "features_gt"):
         assert "gpu=1" in resources[rule] and "slurm_partition=gpu" in resources[rule], rule
     for rule in (
@@ -291,6 +191,33 @@ def test_slurm_profile_dry_run_without_slurm(tmp_path):
         "report",
     ):
         assert "gpu=" not in resources[rule] and "slurm_partition=cpu" in resources[rule], rule
+
+
+def test_four_gpu_profile_is_the_slurm_profile_with_a_ddp_train(tmp_path):
+    """profiles/slurm-4gpu differs from profiles/slurm only in `train`, and plans it as one
+    4-GPU job with one task per GPU (ntasks-per-node == devices) on the gpu partition."""
+    base, four = (
+        yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+        for name in ("slurm", "slurm-4gpu")
+    )
+    assert four["set-resources"].pop("train") == {
+        **base["set-resources"].pop("train"),
+        "gpu": 4,
+        "tasks_per_gpu": 1,
+        "nodes": 1,
+        "mem_mb": "128000 * attempt",
+    }
+    assert (four["set-threads"].pop("train"), base["set-threads"].pop("train")) == (32, 8)
+    assert four == base
+
+    write_config(tmp_path, tiny_config())
+    out = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm-4gpu")).stdout
+    resources = planned_resources(out)
+    assert resources["train"] and all(
+        "slurm_partition=gpu" in x and "gpu=4, tasks_per_gpu=1, nodes=1" in x
+        for x in resources["train"]
+    ), resources["train"]
+    assert all("gpu=1" in x for x in resources["predict"]), resources["predict"]
 
 
 def test_duplicate_config_key_fails_instead_of_silently_merging(tmp_path):

@@ -46,6 +46,19 @@ def load_yaml(path: str | Path) -> Any:
             raise InputError(f"{path}: invalid YAML ({exc})") from exc
 
 
+def check_schema(data: Any, schema_path: str | Path, what: str) -> None:
+    """One-line schema errors naming the key path (Snakemake's validate, which then fills
+    the defaults, prints the whole schema instead)."""
+    import jsonschema
+
+    schema = load_yaml(schema_path)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "top level"
+        raise InputError(f"{what}: {where}: {error.message}")
+
+
 def load_manifest(spec: str | Mapping, base_dir: str | Path = ".") -> dict:
     """A dataset entry is a manifest path (YAML) or the manifest inline."""
     if isinstance(spec, Mapping):

@@ -7,6 +7,7 @@ a failing Snakemake job says what is wrong without a traceback hunt.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -38,9 +39,14 @@ def check_name(name: str, what: str) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only on success."""
+    """Yield a temporary path beside `path`; rename it over `path` only on success.
+
+    A writer killed with SIGKILL leaves its temporary file behind; the next writer of the
+    same path (one job owns each output) removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.????????.tmp"):  # mkstemp: 8
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

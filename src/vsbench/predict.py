@@ -35,7 +35,12 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.M
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a non-checkpoint
-        raise InputError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+        text, tag = str(exc), "WeightsUnpickler error:"
+        refused = tag in text  # torch's weights_only refusal: the reason follows the tag
+        lines = [x.strip() for x in text.split(tag)[-1].splitlines() if x.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        reason = f"weights_only=True refused it: {reason}" if refused else reason
+        raise InputError(f"{path}: not a readable torch checkpoint ({reason})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise InputError(f"{path}: expected a {CHECKPOINT_FORMAT!r} checkpoint, got {got!r}")

@@ -426,9 +426,10 @@ def distributed_plan(device: str, devices="auto", environ=None, n_cuda: int | No
     """Lightning's accelerator / devices / strategy / cluster environment for one job.
 
     On CUDA, ``devices: auto`` uses every GPU the job sees; more than one means DDP, with
-    one rank per GPU. Under SLURM a multi-task allocation (ntasks-per-node = GPUs) runs
-    one rank per task, the way Lightning expects; a one-task job (Snakemake's SLURM
-    executor starts one process per job) lets Lightning start the other ranks itself.
+    one rank per GPU. Under SLURM the step's task count decides: a step that srun started
+    as one task per GPU runs one rank per task, the way Lightning expects; a one-task step
+    (Snakemake's SLURM executor runs every job as `srun -n1`, also inside a 4-task
+    allocation) lets Lightning start the other ranks itself.
     Lightning's SIGUSR1 auto-requeue is always off: Snakemake's retries resume instead.
     """
     env = os.environ if environ is None else environ
@@ -444,13 +445,13 @@ def distributed_plan(device: str, devices="auto", environ=None, n_cuda: int | No
     n = n_cuda if devices in (None, "auto") else int(devices)
     if n < 1 or n > n_cuda:
         raise InputError(f"model devices {devices!r}: this job sees {n_cuda} GPU(s)")
-    slurm_tasks = int(env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_NTASKS", "1")) or 1)
+    slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     cluster = "default"
     if "SLURM_JOB_ID" in env:
         if slurm_tasks > 1 and slurm_tasks != n:
             raise InputError(
-                f"SLURM job has {slurm_tasks} tasks per node for {n} GPU(s): ask for "
-                "tasks_per_node == GPUs (one DDP rank per task), or one task"
+                f"SLURM step has {slurm_tasks} tasks for {n} GPU(s): start one task per "
+                "GPU (one DDP rank per task), or one task"
             )
         cluster = "slurm" if slurm_tasks > 1 else "lightning"
     return {"accelerator": "gpu", "devices": n, "strategy": "ddp" if n > 1 else "auto",
@@ -690,6 +691,8 @@ def train_model(
         return dict(resume)
 
     plan = distributed_plan(device, settings.get("devices", "auto"))
+    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "-")
+    log.info("distributed plan %s (SLURM step tasks: %s)", plan, step_tasks)
     data = data_module(train_pairs, val_pairs, settings, seed)
     stop = [_StopWhenAsked(should_stop)] if should_stop is not None else []
     trainer = L.Trainer(

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-# the demo's optics and channels: tests and benchmarks use the shipped manifest
-DEMO = yaml.safe_load((REPO / "resources/datasets/ipsc_demo.yaml").read_text())
-OPTICS, CHANNELS = DEMO["optics"], DEMO["channels"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from campaign import CHANNELS, OPTICS, snakemake, write_config  # noqa: E402
 
 
 def campaign(n_fovs: int) -> dict:
@@ -65,27 +60,10 @@ def campaign(n_fovs: int) -> dict:
 
 def dry_run(n_fovs: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "config.yaml"
-        cfg.write_text(yaml.safe_dump(campaign(n_fovs)))
-        cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            tmp,
-            "--configfile",
-            str(cfg),
-            "-n",
-            "--quiet",
-            "rules",
-        ]
+        write_config(Path(tmp), campaign(n_fovs))
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = snakemake(Path(tmp), "-n", "--quiet", "rules")
         wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
     total = re.search(r"^total\s+(\d+)", proc.stdout + proc.stderr, flags=re.M)
     return wall, int(total.group(1)) if total else -1
 

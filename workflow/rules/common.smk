@@ -12,7 +12,10 @@ from vsbench.io import list_plate_fovs
 # Snakemake's YAML loader keeps the last of two duplicate keys: reject them instead
 for _configfile in workflow.configfiles:
     vconfig.load_yaml(_configfile)
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+_schema = workflow.source_path("../schemas/config.schema.yaml")
+_files = ", ".join(map(str, workflow.configfiles))
+vconfig.check_schema(config, _schema, f"config ({_files})" if _files else "config")
+validate(config, _schema)
 # YAML reads an unquoted `off` as false
 for _block in (config["reconstruct"]["warm_start"], config["reconstruct"]["t_cache"]):
     if _block["mode"] is False:
@@ -24,7 +27,9 @@ for _name, _spec in config["datasets"].items():
         "." if isinstance(_spec, dict) or os.path.exists(_spec) else workflow.basedir
     )
     MANIFESTS[_name] = vconfig.load_manifest(_spec, _base)
-    validate(MANIFESTS[_name], workflow.source_path("../schemas/dataset.schema.yaml"))
+    _schema = workflow.source_path("../schemas/dataset.schema.yaml")
+    vconfig.check_schema(MANIFESTS[_name], _schema, f"datasets.{_name}")
+    validate(MANIFESTS[_name], _schema)
 vconfig.check_campaign(config, MANIFESTS)
 
 CAMPAIGN = config["campaign"]

@@ -56,3 +56,17 @@ def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config device is 'cuda' but no CUDA device is available")
     return requested
+
+
+def bounded_map(pool, fn, items, window: int):
+    """pool.map that keeps at most `window` results ahead of the consumer, so memory holds
+    `window` + 1 items (pool.map would compute and hold all of them if the consumer lags)."""
+    import collections
+
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -15,10 +15,13 @@ log = setup(snakemake, "reconstruct")
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from vsbench import io  # noqa: E402
 from vsbench.preprocess import fov_statistics, statistics_from_sample, strided_sample  # noqa: E402
@@ -30,7 +33,7 @@ from vsbench.reconstruct.position import (  # noqa: E402
     tilt_summary,
 )
 from vsbench.reconstruct.warmstart import RadialMap, map_from_config  # noqa: E402
-from vsbench.steps import resolve_device, torch_threads  # noqa: E402
+from vsbench.steps import bounded_map, resolve_device, torch_threads  # noqa: E402
 
 PHASE3D, PHASE2D = "Phase3D", "Phase2D"
 COLUMNS = [
@@ -129,10 +132,10 @@ def check_scale(pos, optics: Optics, where: str) -> None:
         )
 
 
-def progress(items, desc):
+def progress(items, desc, total=None):
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, file=sys.stderr, ascii=True, mininterval=2.0)
+    return tqdm(items, desc=desc, total=total, file=sys.stderr, ascii=True, mininterval=2.0)
 
 
 def common(sm):
@@ -210,47 +213,61 @@ def shard(sm) -> None:
         outputs = {PHASE3D: io.create_plate(sm.output.phase, [PHASE3D])}
         if settings.phase_2d:
             outputs[PHASE2D] = io.create_plate(sm.output.phase2d, [PHASE2D])
-        rows = []
-        for fov in progress(fovs, f"{dataset} reconstruct"):
-            pos = plate[fov]
-            where = f"{store} FOV {fov}"
-            check_scale(pos, optics, where)
-            tzyx = io.read_channel(pos, brightfield, where)
-            p = positions[fov]
+        read_lock = threading.Lock()
+
+        def compute(fov):
+            where, p = f"{store} FOV {fov}", positions[fov]
+            with read_lock:  # one reader of the input plate at a time
+                pos = plate[fov]
+                check_scale(pos, optics, where)
+                tzyx = io.read_channel(pos, brightfield, where)
             r = math.hypot(*p) if p is not None else None
             warm = wmap(p) if wmap is not None else None
-            res = reconstruct_position(
+            return reconstruct_position(
                 tzyx, optics, settings, warm=warm, r=r, r_max=r_max, where=where, device=device
             )
-            truth = simulated_truth(pos)
-            geo = {
-                "position_y_um": p[0] if p else math.nan,
-                "position_x_um": p[1] if p else math.nan,
-            }
-            rows += [{"fov": fov, **row, **geo, **truth} for row in res.rows]
-            scale = io.scale_zyx(pos)
-            for channel, data in ((PHASE3D, res.phase3d), (PHASE2D, res.phase2d)):
-                if channel not in outputs:
-                    continue
-                vol = data if data.ndim == 4 else data[:, None]  # 2D phase: one z plane
-                sc = scale if data.ndim == 4 else (1.0, *scale[1:])
-                opos = io.write_fov(outputs[channel], fov, vol[:, None].astype(np.float32), sc)
-                fov_stats, per_t = fov_statistics(vol, stride)
-                opos.zattrs["normalization"] = io.to_jsonable(
-                    {channel: {"fov_statistics": fov_stats, "timepoint_statistics": per_t}}
+
+        # the thread budget: `workers` positions at a time, the job's threads shared among
+        # them; this thread writes the results in FOV order
+        threads = torch.get_num_threads()
+        workers = max(1, min(len(fovs), threads, int(block.get("workers") or threads)))
+        torch.set_num_threads(max(1, threads // workers))
+        log.info("%d worker(s), %d torch thread(s) each", workers, torch.get_num_threads())
+        rows = []
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = zip(fovs, bounded_map(pool, compute, fovs, workers), strict=True)
+            for fov, res in progress(results, f"{dataset} reconstruct", total=len(fovs)):
+                p = positions[fov]
+                with read_lock:  # the workers read the same plate
+                    pos = plate[fov]
+                    truth, scale = simulated_truth(pos), io.scale_zyx(pos)
+                geo = {
+                    "position_y_um": p[0] if p else math.nan,
+                    "position_x_um": p[1] if p else math.nan,
+                }
+                rows += [{"fov": fov, **row, **geo, **truth} for row in res.rows]
+                for channel, data in ((PHASE3D, res.phase3d), (PHASE2D, res.phase2d)):
+                    if channel not in outputs:
+                        continue
+                    vol = data if data.ndim == 4 else data[:, None]  # 2D phase: one z plane
+                    sc = scale if data.ndim == 4 else (1.0, *scale[1:])
+                    opos = io.write_fov(outputs[channel], fov, vol[:, None].astype(np.float32), sc)
+                    fov_stats, per_t = fov_statistics(vol, stride)
+                    opos.zattrs["normalization"] = io.to_jsonable(
+                        {channel: {"fov_statistics": fov_stats, "timepoint_statistics": per_t}}
+                    )
+                summary = tilt_summary(res.fits)
+                log.info(
+                    "%s: zenith %.4f azimuth %.4f z_offset %.3f (truth %.4f %.4f %.3f), %d subtiles",
+                    fov,
+                    summary["zenith"],
+                    summary["azimuth"],
+                    summary["z_offset"],
+                    truth["true_zenith"],
+                    truth["true_azimuth"],
+                    truth["true_z_offset"],
+                    len(res.fits[0].origins),
                 )
-            summary = tilt_summary(res.fits)
-            log.info(
-                "%s: zenith %.4f azimuth %.4f z_offset %.3f (truth %.4f %.4f %.3f), %d subtiles",
-                fov,
-                summary["zenith"],
-                summary["azimuth"],
-                summary["z_offset"],
-                truth["true_zenith"],
-                truth["true_azimuth"],
-                truth["true_z_offset"],
-                len(res.fits[0].origins),
-            )
         for out in outputs.values():
             out.close()
     io.write_table(pd.DataFrame(rows, columns=COLUMNS), sm.output.tilt)
