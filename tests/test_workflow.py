@@ -1,7 +1,9 @@
 """Workflow tests: the real Snakefile on a tiny campaign in a temporary directory.
 
-One module-scoped full run feeds the checks that need outputs (report, rerun
-plans); plan-only checks use dry runs, asserted from Snakemake's own job table.
+A copy of the session's small campaign run (conftest.small_campaign_run, also the
+reference of the SLURM and fault tests) feeds the checks that need outputs (report,
+rerun plans); plan-only checks dry-run the two-plate, two-target tiny campaign,
+asserted from Snakemake's own job table.
 """
 
 from __future__ import annotations
