@@ -86,14 +86,9 @@ def small_config() -> dict:
     return cfg
 
 
-def snakemake(
-    workdir: Path,
-    *args: str,
-    check: bool = True,
-    python_flags: tuple = (),
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    cmd = [
+def snakemake_command(workdir: Path, *args: str, python_flags: tuple = ()) -> list[str]:
+    """The repository's Snakefile on `workdir` and its config.yaml."""
+    return [
         sys.executable,
         *python_flags,
         "-m",
@@ -106,6 +101,16 @@ def snakemake(
         str(workdir / "config.yaml"),
         *args,
     ]
+
+
+def snakemake(
+    workdir: Path,
+    *args: str,
+    check: bool = True,
+    python_flags: tuple = (),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    cmd = snakemake_command(workdir, *args, python_flags=python_flags)
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if check and proc.returncode != 0:

@@ -7,12 +7,11 @@ Module tests cover each check in depth; this table holds the contract for all of
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
 import pytest
-import yaml
+from test_config import _demo
 
 from vsbench import config as vc
 from vsbench import io
@@ -22,15 +21,9 @@ WHERE = "raw.zarr FOV A/1/0"
 SCALE = (2.0, 0.325, 0.325)
 
 
-def demo(repo_root):
-    cfg = yaml.safe_load((repo_root / "config/config.yaml").read_text())
-    manifests = {n: vc.load_manifest(p, repo_root) for n, p in cfg["datasets"].items()}
-    return copy.deepcopy(cfg), manifests
-
-
 def campaign_case(mutate):
     def case(tmp_path, repo_root, make_plate):
-        cfg, manifests = demo(repo_root)
+        cfg, manifests = _demo(repo_root)  # fresh objects per call
         mutate(cfg, manifests)
         vc.check_schema(cfg, repo_root / "workflow/schemas/config.schema.yaml", "config.yaml")
         vc.check_campaign(cfg, manifests)

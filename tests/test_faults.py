@@ -12,14 +12,13 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from campaign import REPO, small_config, snakemake, write_config
+from campaign import small_config, snakemake, snakemake_command, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -46,8 +45,7 @@ def incomplete_outputs(workdir: Path) -> set[str]:
 
 def run_until_killed(workdir: Path, mid_write: Path, timeout: float = 300) -> None:
     """Run the campaign and SIGKILL Snakemake and all its jobs once `mid_write` exists."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
-           str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"]  # fmt: skip
+    cmd = snakemake_command(workdir, "--cores", "2")
     with open(workdir / "killed_run.log", "a") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip

@@ -1,6 +1,6 @@
 """The SLURM profile on a real one-node SLURM (Debian slurm-wlm, slurmdbd + MariaDB).
 
-The fixture writes a two-partition config with a fake GPU, starts munged, MariaDB,
+The fixture writes a two-partition config with four fake GPUs, starts munged, MariaDB,
 slurmdbd, slurmctld and slurmd on free ports under a temporary directory and stops
 exactly those processes. The small campaign then runs through `profiles/slurm` (with
 test-sized cpus/memory and short status intervals) and is compared with a local run;
@@ -24,9 +24,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from campaign import planned_jobs, small_config, snakemake, write_config
+from campaign import REPO, planned_jobs, small_config, snakemake, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 
 BINARIES = (

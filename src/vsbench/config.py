@@ -47,8 +47,7 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def check_schema(data: Any, schema_path: str | Path, what: str) -> None:
-    """One-line schema errors naming the key path (Snakemake's validate, which then fills
-    the defaults, prints the whole schema instead)."""
+    """Raise the schema's best-matching error as one line naming the key path."""
     import jsonschema
 
     schema = load_yaml(schema_path)

@@ -4,6 +4,7 @@
 import functools
 import os
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from vsbench import config as vconfig
@@ -12,10 +13,24 @@ from vsbench.io import list_plate_fovs
 # Snakemake's YAML loader keeps the last of two duplicate keys: reject them instead
 for _configfile in workflow.configfiles:
     vconfig.load_yaml(_configfile)
-_schema = workflow.source_path("../schemas/config.schema.yaml")
+
+
+def validated(data, schema, what):
+    """Snakemake's validate (it fills the defaults); when it fails, say why in one line
+    naming the key path instead of its dump of the whole schema."""
+    try:
+        validate(data, schema)
+    except WorkflowError:
+        vconfig.check_schema(data, schema, what)
+        raise
+
+
 _files = ", ".join(map(str, workflow.configfiles))
-vconfig.check_schema(config, _schema, f"config ({_files})" if _files else "config")
-validate(config, _schema)
+validated(
+    config,
+    workflow.source_path("../schemas/config.schema.yaml"),
+    f"config ({_files})" if _files else "config",
+)
 # YAML reads an unquoted `off` as false
 for _block in (config["reconstruct"]["warm_start"], config["reconstruct"]["t_cache"]):
     if _block["mode"] is False:
@@ -27,9 +42,11 @@ for _name, _spec in config["datasets"].items():
         "." if isinstance(_spec, dict) or os.path.exists(_spec) else workflow.basedir
     )
     MANIFESTS[_name] = vconfig.load_manifest(_spec, _base)
-    _schema = workflow.source_path("../schemas/dataset.schema.yaml")
-    vconfig.check_schema(MANIFESTS[_name], _schema, f"datasets.{_name}")
-    validate(MANIFESTS[_name], _schema)
+    validated(
+        MANIFESTS[_name],
+        workflow.source_path("../schemas/dataset.schema.yaml"),
+        f"datasets.{_name}",
+    )
 vconfig.check_campaign(config, MANIFESTS)
 
 CAMPAIGN = config["campaign"]
